@@ -1,0 +1,123 @@
+"""Rewards: one table, one signature.
+
+Every reward is built by a factory in `REWARDS` and is called as
+
+    reward(images: Tensor[B, 3, H, W] in [0, 1], prompts: list[str]) -> Tensor[B]   # higher is better
+
+A mix is written `name:weight,name:weight` (e.g. `aesthetic:1.0,hpsv2:0.5`) and is the weighted sum of its
+terms; with `normalize=True` each term is first standardised by its running mean and std.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
+
+
+class RewardError(ValueError):
+    """Bad reward name, bad input or missing weights; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    factory: str  # "module:function" returning a RewardFn; imported lazily so heavy deps stay off the path
+    differentiable: bool  # can its gradient reach the pixels (AlignProp needs this; DDPO does not)
+    weights: str  # the weights it needs, "" for none
+    description: str  # one line for `alignprop rewards list`
+
+
+REWARDS: dict[str, RewardSpec] = {
+    "brightness": RewardSpec("alignprop.rewards.simple:brightness", True, "", "mean luma of the image"),
+    "saturation": RewardSpec("alignprop.rewards.simple:saturation", True, "", "mean colour saturation"),
+    "redness": RewardSpec("alignprop.rewards.simple:target_color", True, "",
+                          "closeness of every pixel to pure red"),
+}
+
+
+@dataclass
+class Reward:
+    """A callable reward with its name, differentiability, input checks and optional running normalisation."""
+
+    name: str
+    fn: RewardFn
+    differentiable: bool
+    normalize: bool = False  # standardise by a running mean/std (Welford) before use
+    count: int = field(default=0, init=False)
+    mean: float = field(default=0.0, init=False)
+    m2: float = field(default=0.0, init=False)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_inputs(images, prompts)
+        scores = self.fn(images, prompts)
+        if scores.shape != (images.shape[0],):
+            raise RewardError(f"reward {self.name} returned shape {tuple(scores.shape)}, expected ({images.shape[0]},)")
+        if not self.normalize:
+            return scores
+        self._update(scores.detach())
+        std = math.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
+        return (scores - self.mean) / max(std, 1e-6)
+
+    def _update(self, batch: torch.Tensor) -> None:
+        for x in batch.double().cpu().tolist():  # Welford's running mean and variance
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (x - self.mean)
+
+
+def check_inputs(images: torch.Tensor, prompts: list[str]) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise RewardError(f"rewards take images of shape [B, 3, H, W]; got {tuple(images.shape)}")
+    if len(prompts) != images.shape[0]:
+        raise RewardError(f"got {images.shape[0]} images but {len(prompts)} prompts; pass one prompt per image")
+    lo, hi = images.detach().amin().item(), images.detach().amax().item()
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise RewardError(f"rewards take images in [0, 1]; got values in [{lo:.3f}, {hi:.3f}] "
+                          "(decode with images = (x / 2 + 0.5).clamp(0, 1), once)")
+
+
+def parse_mix(spec: str) -> list[tuple[str, float]]:
+    """`"aesthetic:1.0,hpsv2:0.5"` -> [("aesthetic", 1.0), ("hpsv2", 0.5)]; a bare name has weight 1."""
+    terms = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, weight = part.partition(":")
+        if name not in REWARDS:
+            raise RewardError(f"unknown reward {name!r}; available: {', '.join(sorted(REWARDS))} "
+                              "(see `alignprop rewards list`)")
+        try:
+            terms.append((name, float(weight) if weight else 1.0))
+        except ValueError:
+            raise RewardError(f"reward weight {weight!r} for {name} is not a number; write e.g. {name}:0.5") from None
+    if not terms:
+        raise RewardError("empty reward spec; name a reward, e.g. --set reward=brightness")
+    return terms
+
+
+def load_reward(spec: str, device: str | torch.device = "cpu", weights_dir: str | None = None,
+                normalize: bool = False) -> Reward:
+    """Build a reward (or weighted mix) by name from `REWARDS`."""
+    terms = parse_mix(spec)
+    built = []
+    for name, weight in terms:
+        entry = REWARDS[name]
+        module, _, function = entry.factory.partition(":")
+        fn = getattr(importlib.import_module(module), function)(device=device, weights_dir=weights_dir)
+        built.append((Reward(name, fn, entry.differentiable, normalize=normalize and len(terms) > 1), weight))
+    if len(built) == 1 and built[0][1] == 1.0:
+        reward = built[0][0]
+        reward.normalize = normalize
+        return reward
+
+    def mix(images, prompts):
+        return sum(weight * term(images, prompts) for term, weight in built)
+
+    return Reward(spec, mix, all(term.differentiable for term, _ in built))
