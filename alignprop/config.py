@@ -7,6 +7,8 @@ the fix, before any model is loaded.
 
 from __future__ import annotations
 
+from alignprop.errors import UserError
+
 import dataclasses
 import json
 import typing
@@ -18,7 +20,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 METHODS = ("alignprop", "ddpo")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is invalid; the message names the field and how to fix it."""
 
 
@@ -76,6 +78,10 @@ class TrainConfig:
     resume: bool = False  # resume from the newest complete checkpoint in output_dir/checkpoints
     overwrite: bool = False  # allow replacing a finished adapter already in output_dir
     device: str | None = None  # "cpu", "cuda", ...; None lets accelerate choose
+    tracking: bool = True  # log params, metrics, sample grids and the adapter to MLflow
+    tracking_uri: str | None = None  # MLflow server; None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
+    experiment_name: str = "alignprop"  # MLflow experiment
+    sample_every: int = 0  # log a grid of the batch's images every N optimizer steps (0 = only at the end)
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":

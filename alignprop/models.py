@@ -6,6 +6,8 @@ path production uses for Stable Diffusion 1.5.
 
 from __future__ import annotations
 
+from alignprop.errors import UserError
+
 import logging
 import os
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 WORLD_MODEL_DIR = Path(__file__).parent / "world" / "assets" / "model"
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model could not be found or loaded; the message names the source and the fix."""
 
 

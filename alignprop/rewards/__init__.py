@@ -10,6 +10,8 @@ terms; with `normalize=True` each term is first standardised by its running mean
 
 from __future__ import annotations
 
+from alignprop.errors import UserError
+
 import importlib
 import math
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ import torch
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
 
-class RewardError(ValueError):
+class RewardError(UserError, ValueError):
     """Bad reward name, bad input or missing weights; the message names the problem and the fix."""
 
 
