@@ -56,7 +56,7 @@ def cmd_bench(args):
     from alignprop.bench import run_benchmarks
 
     run_benchmarks(model=args.model, steps=args.steps, batch_size=args.batch_size, device=args.device,
-                   repeats=args.repeats, unet_config=args.unet_config)
+                   repeats=args.repeats, unet_config=args.unet_config, dtype=args.dtype, resolution=args.resolution)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--resolution", type=int, help="image side for --unet-config models (SD 1.5: 512)")
     p.set_defaults(func=cmd_bench)
 
     # --- world commands (issue 3) ---

@@ -153,13 +153,25 @@ class Run:
     # --- the end ---------------------------------------------------------------------------------------------
     def finish(self) -> Path:
         acc = self.accelerator
-        acc.wait_for_everyone()
+        self.check_replicas_in_sync()
         if acc.is_main_process:
             models.save_lora(acc.unwrap_model(self.unet), self.output_dir)  # last: its presence means finished
             self.tracker.finish(self.output_dir, status="FINISHED")
         acc.wait_for_everyone()
         logger.info("adapter written to %s", self.output_dir / ADAPTER_FILE)
         return self.output_dir
+
+    def check_replicas_in_sync(self) -> None:
+        """Every process must hold the same LoRA weights; if not, gradients were not all-reduced (e.g. a
+        forward pass through the unwrapped module) and the adapter would be one rank's arbitrary copy."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.num_processes == 1:
+            return
+        checksum = torch.stack([p.detach().double().sum() for p in self.lora_params]).to(acc.device)
+        replicas = acc.gather(checksum[None]).cpu()
+        if not torch.allclose(replicas, replicas[0].expand_as(replicas), rtol=1e-6, atol=1e-9):
+            raise RuntimeError("LoRA weights differ across processes; gradients were not synchronised")
 
     def __enter__(self):
         return self

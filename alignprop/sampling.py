@@ -79,7 +79,7 @@ def denoise(unet, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor,
         prompt_embeds = torch.cat([negative, prompt_embeds])
     for i, t in enumerate(timesteps):
         keep_graph = grad_enabled and i >= first_grad_step
-        if i == first_grad_step:
+        if i == first_grad_step and i > 0:
             latents = latents.detach()  # the cut: nothing before the last K steps receives gradient
         with torch.set_grad_enabled(keep_graph):
             noise_pred = predict_noise(unet, latents, t, prompt_embeds, guidance_scale,

@@ -40,10 +40,12 @@ def train(config: TrainConfig) -> Path:
         raise ConfigError(f"reward {config.reward!r} is not differentiable, so AlignProp cannot backpropagate it; "
                           "use a differentiable reward (see `alignprop rewards list`) or --method ddpo")
     with runtime.setup_run(config) as run:
-        return _train(run)
+        train_loop(run)
+        return run.finish()
 
 
-def _train(run: runtime.Run) -> Path:
+def train_loop(run: runtime.Run) -> None:
+    """Optimizer steps from `run.state.step` to `config.num_steps`."""
     config = run.config
     parts, accelerator = run.parts, run.accelerator
     negative_embeds = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, [""], accelerator.device)
@@ -92,7 +94,6 @@ def _train(run: runtime.Run) -> Path:
         run.log(metrics, images=images if run.wants_samples(step + 1) else None)
         progress.set_postfix(reward=f"{metrics['reward_mean']:.4f}")
         run.maybe_checkpoint()
-    return run.finish()
 
 
 def generate_with_grad(run: runtime.Run, prompts: list[str], negative_embeds: torch.Tensor,

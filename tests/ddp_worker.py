@@ -1,0 +1,23 @@
+"""Run under `accelerate launch --num_processes 2`: trains a few steps and writes, per rank, the LoRA weights
+and the prompts that rank saw, so the test can check all-reduce (identical weights from different prompts)."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from alignprop import models, runtime, train
+from alignprop.config import TrainConfig
+
+config = TrainConfig.from_json(Path(sys.argv[1]).read_text())
+seen = []
+with runtime.setup_run(config) as run:
+    original = run.prompts_for
+    run.prompts_for = lambda *a, **k: seen.extend(p := original(*a, **k)) or p
+    train.train_loop(run)
+    rank = run.accelerator.process_index
+    state = models.lora_state_dict(run.accelerator.unwrap_model(run.unet))
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, Path(config.output_dir) / f"rank{rank}.pt")
+    (Path(config.output_dir) / f"rank{rank}-prompts.json").write_text(json.dumps(seen))
+    run.finish()

@@ -1,0 +1,227 @@
+"""The AlignProp trainer: what it changes, multi-process all-reduce, exact resume, and failing cleanly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import helpers
+from alignprop import runtime, train
+from alignprop.config import TrainConfig
+from alignprop.rewards import REWARDS, RewardSpec
+
+ANIMALS = ["a cat", "a dog", "a horse", "a cow", "a pig", "a fish", "a tiger", "a lion"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return helpers.tiny_model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "animals.txt"
+    path.write_text("\n".join(ANIMALS) + "\n")
+    return path
+
+
+def small_config(tiny, prompt_file, out, **overrides) -> TrainConfig:
+    values = dict(pretrained_model=str(tiny), prompts=str(prompt_file), reward="brightness", output_dir=str(out),
+                  num_steps=2, num_inference_steps=6, truncation="fixed", truncation_k=2, train_batch_size=2,
+                  tracking=False, device="cpu", seed=0)
+    values.update(overrides)
+    return TrainConfig(**values).validate()
+
+
+def test_a_step_changes_lora_weights_only(tiny, prompt_file, tmp_path):
+    config = small_config(tiny, prompt_file, tmp_path / "run", num_steps=1)
+    with runtime.setup_run(config) as run:
+        unet = run.accelerator.unwrap_model(run.unet)
+        before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+        frozen_others = {n: p.detach().clone() for m in (run.parts.vae, run.parts.text_encoder)
+                         for n, p in m.named_parameters()}
+        train.train_loop(run)
+        after = dict(unet.named_parameters())
+        changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+        lora = {n for n, p in after.items() if p.requires_grad}
+        assert changed and changed <= lora, f"non-LoRA weights changed: {sorted(changed - lora)[:3]}"
+        assert all(".lora_" in n for n in lora)
+        for m in (run.parts.vae, run.parts.text_encoder):
+            for n, p in m.named_parameters():
+                assert torch.equal(frozen_others[n], p.detach())
+        run.finish()
+    out = tmp_path / "run"
+    assert json.loads((out / "config.json").read_text())["num_steps"] == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
+    assert {"reward_mean", "reward_std", "loss", "grad_norm", "step_time_s", "peak_mem_gib"} <= set(rows[0])
+
+
+def test_adapter_loads_with_diffusers(tiny, prompt_file, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = train.train(small_config(tiny, prompt_file, tmp_path / "run", num_steps=1))
+    state = load_file(out / runtime.ADAPTER_FILE)
+    assert state and all(k.startswith("unet.") for k in state)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny))
+    pipe.load_lora_weights(str(out))
+    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+
+
+def test_prompts_are_split_across_processes(tiny, prompt_file, tmp_path):
+    config = small_config(tiny, prompt_file, tmp_path / "run", train_batch_size=2, gradient_accumulation_steps=2)
+
+    class FakeAccelerator:
+        num_processes = 2
+
+        def __init__(self, rank):
+            self.process_index = rank
+
+    def stream(rank):
+        run = runtime.Run(config, FakeAccelerator(rank), None, None, [], None, None, ANIMALS, None)
+        return [p for step in range(2) for micro in range(2) for p in run.prompts_for(step, micro)]
+
+    rank0, rank1 = stream(0), stream(1)
+    first_epoch = rank0[:2] + rank1[:2] + rank0[2:4] + rank1[2:4]
+    assert sorted(first_epoch) == sorted(ANIMALS)  # one epoch covers every prompt exactly once
+    assert rank0 != rank1
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_lora_weights(tiny, prompt_file, tmp_path):
+    out = tmp_path / "ddp"
+    config_path = tmp_path / "config.json"
+    config_path.write_text(small_config(tiny, prompt_file, out).to_json())
+    result = subprocess.run(
+        [str(helpers.VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).parent / "ddp_worker.py"),
+         str(config_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert set(rank0) == set(rank1)
+    assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora.up" in k or "lora_B" in k)
+    for k in rank0:
+        torch.testing.assert_close(rank0[k], rank1[k], rtol=0, atol=0)
+    prompts0 = json.loads((out / "rank0-prompts.json").read_text())
+    prompts1 = json.loads((out / "rank1-prompts.json").read_text())
+    assert prompts0 and prompts0 != prompts1
+    assert (out / runtime.ADAPTER_FILE).exists()
+
+
+def _wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        if metrics.exists() and any(json.loads(l)["step"] >= step for l in metrics.read_text().splitlines() if l):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"step {step} never logged")
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_matches_uninterrupted_run(tiny, prompt_file, tmp_path):
+    common = ["--set", f"pretrained_model={tiny}", "--set", f"prompts={prompt_file}", "--set", "reward=brightness",
+              "--set", "num_steps=6", "--set", "num_inference_steps=6", "--set", "truncation=uniform",
+              "--set", "truncation_min=1", "--set", "truncation_max=3", "--set", "eta=1.0",
+              "--set", "checkpoint_every=2", "--set", "tracking=false", "--set", "device=cpu"]
+    straight = helpers.run_cli("train", *common, "--output", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([str(helpers.VENV_BIN / "alignprop"), "train", *common, "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for_step(out / "metrics.jsonl", 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / runtime.ADAPTER_FILE).exists()
+    assert [p.name for p in runtime.list_checkpoints(out)] == ["checkpoint-000002"]
+
+    resumed = helpers.run_cli("train", *common, "--output", str(out), "--set", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    a, b = load_file(tmp_path / "straight" / runtime.ADAPTER_FILE), load_file(out / runtime.ADAPTER_FILE)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# --- failing cleanly ----------------------------------------------------------------------------------
+def _train_cli(capsys, *args):
+    from alignprop.cli import main
+
+    code = main(["train", *args])
+    return code, capsys.readouterr().err
+
+
+def _no_finished_output(out: Path):
+    assert not (out / runtime.ADAPTER_FILE).exists()
+
+
+def test_zero_prompts_fails_cleanly(tiny, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    code, err = _train_cli(capsys, "--set", f"pretrained_model={tiny}", "--set", f"prompts={empty}",
+                           "--set", "reward=brightness", "--output", str(tmp_path / "o"), "--set", "tracking=false")
+    assert code != 0 and "prompt" in err.lower() and "error" in err
+    _no_finished_output(tmp_path / "o")
+
+
+def test_nan_reward_fails_cleanly(tiny, prompt_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(REWARDS, "nan_for_test", RewardSpec("helpers:nan_reward", True, "", "returns NaN"))
+    code, err = _train_cli(capsys, "--set", f"pretrained_model={tiny}", "--set", f"prompts={prompt_file}",
+                           "--set", "reward=nan_for_test", "--set", "num_inference_steps=4",
+                           "--output", str(tmp_path / "o"), "--set", "tracking=false")
+    assert code != 0 and "non-finite" in err and "no adapter was written" in err
+    _no_finished_output(tmp_path / "o")
+
+
+def test_unknown_reward_fails_before_loading(tmp_path, capsys):
+    code, err = _train_cli(capsys, "--set", "reward=beauty", "--output", str(tmp_path / "o"))
+    assert code != 0 and "unknown reward 'beauty'" in err and "brightness" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_directory_fails_cleanly(prompt_file, tmp_path, capsys):
+    code, err = _train_cli(capsys, "--set", f"pretrained_model={tmp_path / 'nope'}", "--set", "reward=brightness",
+                           "--set", f"prompts={prompt_file}", "--output", str(tmp_path / "o"))
+    assert code != 0 and "does not exist" in err and "make-tiny-model" in err
+    _no_finished_output(tmp_path / "o")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["truncation=uniform", "truncation_min=5", "truncation_max=3"], "invalid truncation range [5, 3]"),
+    (["truncation=uniform", "truncation_min=1", "truncation_max=99"], "invalid truncation range [1, 99]"),
+    (["truncation=fixed", "truncation_k=0"], "invalid truncation_k=0"),
+    (["truncation=sometimes"], "invalid truncation='sometimes'"),
+])
+def test_invalid_truncation_fails_cleanly(tmp_path, capsys, overrides, message):
+    args = [a for o in overrides for a in ("--set", o)]
+    code, err = _train_cli(capsys, *args, "--output", str(tmp_path / "o"))
+    assert code != 0 and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_adapter_is_never_overwritten_by_default(tiny, prompt_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / runtime.ADAPTER_FILE).write_bytes(b"precious")
+    code, err = _train_cli(capsys, "--set", f"pretrained_model={tiny}", "--set", f"prompts={prompt_file}",
+                           "--set", "reward=brightness", "--output", str(out))
+    assert code != 0 and "already holds a finished adapter" in err
+    assert (out / runtime.ADAPTER_FILE).read_bytes() == b"precious"
+
+
+def test_cli_exit_status_is_nonzero_for_bad_input(tmp_path):
+    result = helpers.run_cli("train", "--set", "num_steps=0", "--output", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "invalid num_steps=0" in result.stderr
