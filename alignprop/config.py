@@ -77,7 +77,6 @@ class TrainConfig:
     checkpoints_total_limit: int = 2  # keep at most this many checkpoints
     resume: bool = False  # resume from the newest complete checkpoint in output_dir/checkpoints
     overwrite: bool = False  # allow replacing a finished adapter already in output_dir
-    device: str | None = None  # "cpu", "cuda", ...; None lets accelerate choose
     tracking: bool = True  # log params, metrics, sample grids and the adapter to MLflow
     tracking_uri: str | None = None  # MLflow server; None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
     experiment_name: str = "alignprop"  # MLflow experiment

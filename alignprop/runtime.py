@@ -231,12 +231,13 @@ def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    # The device is accelerate's choice (CUDA when visible; force CPU with `accelerate launch --cpu` or
+    # CUDA_VISIBLE_DEVICES=""). On CPU accelerate leaves the process-group backend unset, which DeepSpeed
+    # cannot use: gloo is the CPU backend.
     handlers = []
-    cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if cpu and distributed:  # accelerate leaves the backend unset on CPU (DeepSpeed then fails); gloo is the CPU one
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu",
+    return Accelerator(mixed_precision=config.mixed_precision,
                        gradient_accumulation_steps=config.gradient_accumulation_steps, kwargs_handlers=handlers)
 
 

@@ -35,7 +35,7 @@ def prompt_file(tmp_path_factory):
 def small_config(tiny, prompt_file, out, **overrides) -> TrainConfig:
     values = dict(pretrained_model=str(tiny), prompts=str(prompt_file), reward="brightness", output_dir=str(out),
                   num_steps=2, num_inference_steps=6, truncation="fixed", truncation_k=2, train_batch_size=2,
-                  tracking=False, device="cpu", seed=0)
+                  tracking=False, seed=0)
     values.update(overrides)
     return TrainConfig(**values).validate()
 
@@ -94,15 +94,22 @@ def test_prompts_are_split_across_processes(tiny, prompt_file, tmp_path):
     assert rank0 != rank1
 
 
+LAUNCHERS = {
+    "ddp": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no"],
+    "deepspeed_zero2": ["--config_file", str(helpers.ROOT / "alignprop/configs/accelerate_deepspeed_zero2.yaml")],
+}
+
+
 @pytest.mark.slow
-def test_two_processes_end_with_identical_lora_weights(tiny, prompt_file, tmp_path):
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_end_with_identical_lora_weights(tiny, prompt_file, tmp_path, launcher):
     out = tmp_path / "ddp"
     config_path = tmp_path / "config.json"
-    config_path.write_text(small_config(tiny, prompt_file, out).to_json())
+    config_path.write_text(small_config(tiny, prompt_file, out, checkpoint_every=1).to_json())
     result = subprocess.run(
-        [str(helpers.VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).parent / "ddp_worker.py"),
-         str(config_path)],
+        [str(helpers.VENV_BIN / "accelerate"), "launch", *LAUNCHERS[launcher],
+         str(Path(__file__).parent / "ddp_worker.py"), str(config_path)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
@@ -114,6 +121,10 @@ def test_two_processes_end_with_identical_lora_weights(tiny, prompt_file, tmp_pa
     prompts1 = json.loads((out / "rank1-prompts.json").read_text())
     assert prompts0 and prompts0 != prompts1
     assert (out / runtime.ADAPTER_FILE).exists()
+    checkpoint = out / "checkpoints" / "checkpoint-000001"
+    assert (checkpoint / "random_states_1.pkl").exists()  # every rank took part in saving state
+    if launcher == "deepspeed_zero2":  # optimizer state sharded over the two ranks
+        assert len(list(checkpoint.glob("pytorch_model/zero_pp_rank_*_optim_states.pt"))) == 2
 
 
 def _wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -131,7 +142,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tiny, prompt_file, tmp_pat
     common = ["--set", f"pretrained_model={tiny}", "--set", f"prompts={prompt_file}", "--set", "reward=brightness",
               "--set", "num_steps=6", "--set", "num_inference_steps=6", "--set", "truncation=uniform",
               "--set", "truncation_min=1", "--set", "truncation_max=3", "--set", "eta=1.0",
-              "--set", "checkpoint_every=2", "--set", "tracking=false", "--set", "device=cpu"]
+              "--set", "checkpoint_every=2", "--set", "tracking=false"]
     straight = helpers.run_cli("train", *common, "--output", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
