@@ -10,6 +10,7 @@ Output directory contract (`--output DIR`):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -87,9 +88,7 @@ class Run:
 
     def _prompt_at(self, position: int) -> str:
         epoch, index = divmod(position, len(self.prompts))
-        order = list(range(len(self.prompts)))
-        random.Random(self.config.seed * 7919 + epoch).shuffle(order)
-        return self.prompts[order[index]]
+        return self.prompts[epoch_order(len(self.prompts), self.config.seed, epoch)[index]]
 
     # --- metrics ---------------------------------------------------------------------------------------------
     def log(self, metrics: dict, images: torch.Tensor | None = None) -> None:
@@ -180,6 +179,14 @@ class Run:
         if exc_type is not None and self.accelerator.is_main_process:
             self.tracker.finish(None, status="FAILED")
         return False
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_prompts: int, seed: int, epoch: int) -> list[int]:
+    """The prompt order of one epoch: a seeded shuffle, the same on every process."""
+    order = list(range(num_prompts))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return order
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
