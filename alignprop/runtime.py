@@ -167,10 +167,11 @@ class Run:
         acc.wait_for_everyone()
         if acc.num_processes == 1:
             return
-        checksum = torch.stack([p.detach().double().sum() for p in self.lora_params]).to(acc.device)
-        replicas = acc.gather(checksum[None]).cpu()
-        if not torch.allclose(replicas, replicas[0].expand_as(replicas), rtol=1e-6, atol=1e-9):
-            raise RuntimeError("LoRA weights differ across processes; gradients were not synchronised")
+        weights = torch.cat([p.detach().float().flatten() for p in self.lora_params]).to(acc.device)
+        replicas = acc.gather(weights[None]).cpu()  # LoRA weights are small: a few MB even for SD
+        if not all(torch.equal(replicas[0], r) for r in replicas[1:]):
+            raise RuntimeError("LoRA weights differ across processes; gradients were not all-reduced "
+                               f"(distributed type {acc.distributed_type})")
 
     def __enter__(self):
         return self
@@ -238,13 +239,15 @@ def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    # The device is accelerate's choice (CUDA when visible; force CPU with `accelerate launch --cpu` or
-    # CUDA_VISIBLE_DEVICES=""). On CPU accelerate leaves the process-group backend unset, which DeepSpeed
-    # cannot use: gloo is the CPU backend.
+    # The device is accelerate's choice: CUDA when visible (force CPU with CUDA_VISIBLE_DEVICES=""). Without CUDA,
+    # accelerate only wraps the model in DDP when told cpu=True (else DistributedType.NO: no all-reduce at all),
+    # and leaves the process-group backend unset, which DeepSpeed cannot use: gloo is the CPU backend.
+    no_cuda = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     handlers = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if no_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(mixed_precision=config.mixed_precision,
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=no_cuda and not deepspeed,
                        gradient_accumulation_steps=config.gradient_accumulation_steps, kwargs_handlers=handlers)
 
 
