@@ -147,7 +147,7 @@ def save_lora(unet: torch.nn.Module, directory: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Tiny models, built offline
 # ---------------------------------------------------------------------------------------------
-def build_word_tokenizer(words: list[str]):
+def build_word_tokenizer(words: list[str], model_max_length: int = 77):
     """A CLIP BPE tokenizer whose vocabulary is exactly `words` (each one token) plus single characters.
 
     Real CLIP vocabularies are learned; this one is built from a word list so it needs no download while
@@ -171,7 +171,7 @@ def build_word_tokenizer(words: list[str]):
             pieces = [merged] + pieces[2:]
     for token in SPECIAL_TOKENS:
         vocab.setdefault(token, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
 TINY_WORDS = ("a photo of an the cat dog horse cow pig sheep rabbit bird fish tiger lion monkey "

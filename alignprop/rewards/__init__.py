@@ -39,6 +39,11 @@ REWARDS: dict[str, RewardSpec] = {
     "saturation": RewardSpec("alignprop.rewards.simple:saturation", True, "", "mean colour saturation"),
     "redness": RewardSpec("alignprop.rewards.simple:target_color", True, "",
                           "closeness of every pixel to pure red"),
+    "world_count": RewardSpec("alignprop.world.rewards:world_count", True,
+                              "shipped (alignprop/world/assets/count_reward); or REWARD_WEIGHTS_DIR/world_count",
+                              "-|predicted count - prompted count|, a learned count regressor (world captions)"),
+    "world_color": RewardSpec("alignprop.world.rewards:world_color", True, "",
+                              "closeness of the shapes' colour to the prompt's colour (world captions)"),
 }
 
 
