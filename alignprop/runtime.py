@@ -282,9 +282,10 @@ def _register_lora_checkpoint_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def setup_run(config: TrainConfig) -> Run:
+def setup_run(config: TrainConfig, checkpointed: list = ()) -> Run:
     """Everything before the first step. Cheap checks (prompts, reward name, output dir) come first, so bad input
-    fails before any model is loaded."""
+    fails before any model is loaded. `checkpointed`: extra objects with state_dict/load_state_dict that go into
+    every checkpoint (e.g. DDPO's per-prompt statistics)."""
     from alignprop.prompts import load_prompts
     from alignprop.rewards import load_reward, parse_mix
 
@@ -309,7 +310,7 @@ def setup_run(config: TrainConfig) -> Run:
     unet, optimizer = accelerator.prepare(parts.unet, optimizer)
     _register_lora_checkpoint_hooks(accelerator)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(state, *checkpointed)
     tracker = tracking.NullTracker()
     if accelerator.is_main_process:
         (Path(config.output_dir) / "config.json").write_text(config.to_json())
