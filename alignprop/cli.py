@@ -279,7 +279,8 @@ def _add_registry_parsers(sub) -> None:
 
     def gate(p):
         p.add_argument("--primary-reward", help="reward the gate compares (default: the training reward)")
-        p.add_argument("--margin", type=float, default=0.0, help="required improvement over the incumbent (reward units)")
+        p.add_argument("--margin", type=float, default=0.0,
+                       help="required improvement over the incumbent (reward units)")
         p.add_argument("--max-fid-drift", type=float, default=10.0, help="largest allowed FID drift; 'inf' disables")
         p.add_argument("--legacy-stages", action="store_true", help="also set MLflow's deprecated stage field")
 

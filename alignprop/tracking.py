@@ -112,11 +112,11 @@ def provenance_tags(run_type: str | None = None) -> dict[str, str]:
     """Tags that make a run or a model version traceable: run type, git commit, pipeline run, who and where."""
     sha, dirty = git_commit()
     tags = {TAG_RUN_TYPE: run_type, TAG_GIT_COMMIT: sha, TAG_GIT_DIRTY: str(dirty).lower() if sha else None,
-            TAG_PIPELINE_RUN: pipeline_run_id(), "mlflow.user": _user(), "alignprop.host": socket.gethostname()}
+            TAG_PIPELINE_RUN: pipeline_run_id(), "mlflow.user": current_user(), "alignprop.host": socket.gethostname()}
     return {k: v for k, v in tags.items() if v}
 
 
-def _user() -> str:
+def current_user() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (arbitrary uid in a container)
@@ -132,10 +132,10 @@ def _reason(error: Exception) -> str:
     for marker in ("Connection refused", "Name or service not known", "No route to host", "Network is unreachable"):
         if marker in text:
             return marker.lower()
-    return f"{type(error).__name__}: {_short(error)}"
+    return f"{type(error).__name__}: {short_error(error)}"
 
 
-def _short(error: Exception, limit: int = 300) -> str:
+def short_error(error: Exception, limit: int = 300) -> str:
     text = " ".join(str(error).split())
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -214,7 +214,7 @@ class MlflowTracker:
         self.write_info(status=status if not self.broken else f"{status} (tracking incomplete)")
 
     def log_outputs(self, output_dir: Path) -> None:
-        last = _last_jsonl(output_dir / "metrics.jsonl")
+        last = last_jsonl(output_dir / "metrics.jsonl")
         if last:
             self.log_summary({k: v for k, v in last.items() if k != "step"}, prefix="final.")
         self.write_info(status="RUNNING")  # tracking.json itself travels with the outputs
@@ -240,7 +240,7 @@ class MlflowTracker:
             self.broken = True
             logger.warning("MLflow logging to %s failed (%s); tracking is off for the rest of run %s. Local "
                            "outputs are unaffected; register them later with `alignprop register`.",
-                           self.tracking_uri, _short(e), self.run_id)
+                           self.tracking_uri, short_error(e), self.run_id)
 
 
 def start_run(params: dict, run_type: str, tracking_uri: str | None = None, enabled: bool = True,
@@ -265,9 +265,10 @@ def start_run(params: dict, run_type: str, tracking_uri: str | None = None, enab
         experiment_id = get_or_create_experiment(client, experiment_name)
         all_tags = {**provenance_tags(run_type), **({TAG_OUTPUT_DIR: str(output_dir)} if output_dir else {}),
                     **(tags or {})}
-        run = client.create_run(experiment_id, tags=all_tags, run_name=run_name or _default_run_name(run_type, output_dir))
+        run_name = run_name or _default_run_name(run_type, output_dir)
+        run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
     except MlflowException as e:
-        raise TrackingError(f"MLflow at {uri} refused to start a run: {_short(e)}") from e
+        raise TrackingError(f"MLflow at {uri} refused to start a run: {short_error(e)}") from e
     info = {"experiment_id": experiment_id, "experiment_name": experiment_name, "run_type": run_type,
             "git_commit": all_tags.get(TAG_GIT_COMMIT), "pipeline_run_id": all_tags.get(TAG_PIPELINE_RUN)}
     tracker = MlflowTracker(client, run.info.run_id, uri, output_dir, info)
@@ -355,7 +356,7 @@ def _metric_key(key: str) -> str:
     return "".join(c if c.isalnum() or c in "_-. /:" else "_" for c in str(key))
 
 
-def _last_jsonl(path: Path) -> dict | None:
+def last_jsonl(path: Path) -> dict | None:
     if not path.is_file():
         return None
     lines = [line for line in path.read_text().splitlines() if line.strip()]
