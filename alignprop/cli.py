@@ -19,6 +19,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set learning_rate=1e-3")
     parser.add_argument("--output", help="output directory (same as --set output_dir=...)")
+    parser.add_argument("--tracking-uri", help="MLflow server (same as --set tracking_uri=...); default "
+                        "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory")
 
 
 def _resolve_train_config(args):
@@ -27,6 +29,8 @@ def _resolve_train_config(args):
     overrides = list(args.set)
     if args.output:
         overrides.append(f"output_dir={args.output}")
+    if args.tracking_uri:
+        overrides.append(f"tracking_uri={args.tracking_uri}")
     return load_config(args.preset, args.config, overrides)
 
 
