@@ -1,21 +1,25 @@
-"""DDPO, the policy-gradient baseline (Black et al. 2023, arXiv 2305.13301), on the same run machinery as AlignProp.
+"""`alignprop train --method ddpo`: DDPO, the policy-gradient baseline (Black et al. 2023, arXiv 2305.13301), on
+the same run machinery as AlignProp (model loading, prompts, rewards, LoRA, accelerate, checkpoints, outputs).
 
-Each optimizer step:
-  1. sample trajectories with stochastic DDIM (eta > 0) and record each step's log-probability (no gradient);
-  2. score the images; advantages = rewards normalised per prompt (stat tracking), clipped;
-  3. for each inner epoch, for a random fraction of the timesteps: recompute the step's log-probability under the
-     current LoRA weights and minimise the PPO clipped objective (Schulman et al. 2017, Eq. 7):
-         L = mean( max(-A * r, -A * clip(r, 1 - eps, 1 + eps)) ),  r = exp(logp_new - logp_old).
-The reward never needs a gradient, so non-differentiable rewards such as `jpeg_compressibility` work.
+One step (`num_steps` counts these; DDPO calls them epochs), read top to bottom:
+  1. sample `ddpo_samples_per_step` trajectories per process with stochastic DDIM (eta > 0), recording every
+     step's latents and log-probability (no gradient);
+  2. score the final images with the reward (no gradient needed: `jpeg_compressibility` works);
+     advantages = rewards standardised per prompt over a history buffer (stat tracking), clipped to
+     [-ddpo_adv_clip_max, ddpo_adv_clip_max];
+  3. `ddpo_num_inner_epochs` times: shuffle the samples; for each minibatch of `train_batch_size` samples,
+     re-score a random `ddpo_timestep_fraction` of its denoising steps under the current LoRA weights and
+     accumulate the gradient of the PPO clipped objective over those steps; clip; one AdamW update.
+So a step makes `ddpo_num_inner_epochs * ddpo_samples_per_step / train_batch_size` optimizer updates, and the
+importance ratio is exactly 1 at the first update of a step (the weights that sampled are the weights scored).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
-from collections import defaultdict, deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,188 +27,233 @@ import torch
 from tqdm.auto import tqdm
 
 from alignprop import runtime, sampling
-from alignprop.config import ConfigError, TrainConfig
+from alignprop.config import PRESETS, ConfigError, TrainConfig, parse_overrides, update
+from alignprop.ddpo_math import PerPromptStatTracker, ddim_step_with_logprob, ppo_clipped_loss
 
 logger = logging.getLogger(__name__)
 
+# The paper's settings that differ from AlignProp's defaults (kvablack/ddpo-pytorch config/base.py, the authors'
+# LoRA release): lr 3e-4, eta 1.0, guidance 5.0. Clip range 1e-4, advantage clip 5, one inner epoch, all
+# timesteps, stat-tracking buffer 16 / min count 16 are TrainConfig's ddpo_* defaults.
+PAPER_DEFAULTS = {"learning_rate": 3e-4, "eta": 1.0, "guidance_scale": 5.0, "gradient_accumulation_steps": 1}
+
+
+def load_ddpo_config(preset: str = "tiny", config_file: str | None = None,
+                     overrides: list[str] | None = None) -> TrainConfig:
+    """Like `config.load_config`, with DDPO's paper defaults between the preset and the user's values:
+    preset -> method=ddpo + PAPER_DEFAULTS -> JSON file -> `key=value` overrides."""
+    import json
+
+    from alignprop.config import load_config
+
+    load_config(preset, config_file, overrides)  # the same checks and messages for bad input
+    config = update(PRESETS[preset](), {"method": "ddpo", **PAPER_DEFAULTS})
+    if config_file:
+        config = update(config, json.loads(Path(config_file).read_text()))
+    if overrides:
+        config = update(config, parse_overrides(config, overrides))
+    return config.validate()
+
+
+def validate_ddpo(config: TrainConfig) -> None:
+    config.validate()
+    if config.eta <= 0:
+        raise ConfigError(f"invalid eta={config.eta}: DDPO needs a stochastic sampler to have log-probabilities; "
+                          "use eta > 0 (the paper uses 1.0): --set eta=1.0")
+    if config.gradient_accumulation_steps != 1:
+        raise ConfigError(f"invalid gradient_accumulation_steps={config.gradient_accumulation_steps}: DDPO already "
+                          "accumulates over denoising steps; set it to 1 and choose train_batch_size (samples per "
+                          "update) and ddpo_samples_per_step (samples per step)")
+    if config.ddpo_samples_per_step % config.train_batch_size:
+        raise ConfigError(f"invalid ddpo_samples_per_step={config.ddpo_samples_per_step}: must be a multiple of "
+                          f"train_batch_size={config.train_batch_size} (the PPO minibatch)")
+
+
+def train_ddpo(config: TrainConfig) -> Path:
+    """Train a DDPO adapter; return the output directory (same contract as `alignprop.train.train`)."""
+    validate_ddpo(config)
+    tracker = PerPromptStatTracker(config.ddpo_stat_tracking_buffer, config.ddpo_stat_tracking_min_count)
+    with runtime.setup_run(config, checkpointed=[tracker]) as run:
+        from accelerate.utils import DistributedType
+
+        if run.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError("DDPO does not run under DeepSpeed here (the engine steps on every backward, but DDPO "
+                              "accumulates over denoising steps); launch it with plain DDP (accelerate --multi_gpu)")
+        ddpo_loop(run, tracker)
+        return run.finish()
+
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pure maths
+# Sampling
 # ---------------------------------------------------------------------------------------------------------------
-def ddim_step_with_logprob(scheduler, noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, eta: float,
-                           prev_latents: torch.Tensor | None = None, generator: torch.Generator | None = None):
-    """One DDIM step (formula (12) of arXiv 2010.02502, the same maths as `DDIMScheduler.step`) that also returns
-    log N(prev_latents; mean, std^2), averaged over the non-batch dimensions. Draws prev_latents when not given."""
-    step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    prev_t = t - step
-    alphas = scheduler.alphas_cumprod.to(latents.device)
-    alpha_t = alphas[t]
-    alpha_prev = alphas[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod.to(latents.device)
-    pred_x0 = (latents - (1 - alpha_t).sqrt() * noise_pred) / alpha_t.sqrt()
-    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)  # sigma_t^2 of DDIM, Eq. (16)
-    std = eta * variance.sqrt()
-    mean = alpha_prev.sqrt() * pred_x0 + (1 - alpha_prev - std**2).sqrt() * noise_pred
-    if prev_latents is None:
-        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        prev_latents = mean + std * noise
-    log_prob = (-((prev_latents.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi)))
-    return prev_latents, log_prob.mean(dim=tuple(range(1, latents.ndim)))
+@dataclass
+class Trajectories:
+    prompts: list[str]
+    prompt_embeds: torch.Tensor  # [B, L, D]
+    latents: torch.Tensor  # [B, T + 1, C, h, w]: x_T ... x_0
+    log_probs: torch.Tensor  # [B, T]: log p(x_{t-1} | x_t) under the sampling weights
+    timesteps: torch.Tensor  # [T]
+    images: torch.Tensor  # [B, 3, H, W] in [0, 1]
 
 
-def ppo_clipped_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                     clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate (as a loss to minimise) and the importance ratio."""
-    ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    return torch.maximum(unclipped, clipped).mean(), ratio
+def with_negative(prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """[uncond; cond] embeddings for classifier-free guidance (just `prompt_embeds` when guidance is off)."""
+    if guidance_scale <= 1.0:
+        return prompt_embeds
+    return torch.cat([negative_embeds.expand(prompt_embeds.shape[0], -1, -1), prompt_embeds])
 
 
-class PerPromptStatTracker:
-    """Normalise rewards by the mean/std of the same prompt's recent rewards (DDPO Sec. 4.3); fall back to the
-    batch's statistics until a prompt has `min_count` rewards."""
+@torch.no_grad()
+def sample_trajectories(run: runtime.Run, prompts: list[str], negative_embeds: torch.Tensor,
+                        generator: torch.Generator) -> Trajectories:
+    """Stochastic DDIM through the prepared UNet, keeping every x_t and log p(x_{t-1} | x_t)."""
+    config, parts, device = run.config, run.parts, run.accelerator.device
+    embeds = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, prompts, device)
+    latents = sampling.initial_latents(len(prompts), parts.unet.config, parts.scheduler, generator, device,
+                                       embeds.dtype).float()
+    cond = with_negative(embeds, negative_embeds, config.guidance_scale)
+    parts.scheduler.set_timesteps(config.num_inference_steps, device=device)
+    states, log_probs = [latents], []
+    with run.accelerator.autocast():
+        for t in parts.scheduler.timesteps:
+            noise_pred = sampling.predict_noise(run.unet, latents.to(embeds.dtype), t, cond, config.guidance_scale,
+                                                use_checkpoint=False)
+            latents, log_prob = ddim_step_with_logprob(parts.scheduler, noise_pred.float(), t, latents, config.eta,
+                                                       generator=generator)
+            states.append(latents)
+            log_probs.append(log_prob)
+        images = sampling.decode(parts.vae, latents.to(parts.vae.dtype)).float()
+    return Trajectories(list(prompts), embeds, torch.stack(states, 1), torch.stack(log_probs, 1),
+                        parts.scheduler.timesteps.clone(), images)
 
-    def __init__(self, buffer_size: int, min_count: int):
-        self.buffer_size, self.min_count = buffer_size, min_count
-        self.history: dict[str, deque] = defaultdict(lambda: deque(maxlen=buffer_size))
 
-    def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
-        advantages = np.empty_like(rewards, dtype=np.float64)
-        for prompt in set(prompts):
-            mask = np.array([p == prompt for p in prompts])
-            self.history[prompt].extend(rewards[mask].tolist())
-            if len(self.history[prompt]) < self.min_count:
-                mean, std = rewards.mean(), rewards.std() + 1e-6
-            else:
-                mean, std = np.mean(self.history[prompt]), np.std(self.history[prompt]) + 1e-6
-            advantages[mask] = (rewards[mask] - mean) / std
-        return advantages
-
-    def state_dict(self) -> dict:
-        return {"history": {k: list(v) for k, v in self.history.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.history.clear()
-        for k, v in state["history"].items():
-            self.history[k].extend(v)
+def cat_trajectories(chunks: list[Trajectories]) -> Trajectories:
+    return Trajectories([p for c in chunks for p in c.prompts], torch.cat([c.prompt_embeds for c in chunks]),
+                        torch.cat([c.latents for c in chunks]), torch.cat([c.log_probs for c in chunks]),
+                        chunks[0].timesteps, torch.cat([c.images for c in chunks]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
-def train_ddpo(config: TrainConfig) -> Path:
-    config.validate()
-    if config.eta <= 0:
-        raise ConfigError(f"invalid eta={config.eta}: DDPO needs a stochastic sampler; use eta > 0 (the paper uses 1.0)")
-    if config.gradient_accumulation_steps != 1:
-        raise ConfigError("DDPO accumulates gradients over its own timesteps and minibatches; keep "
-                          "gradient_accumulation_steps=1 and set ddpo_samples_per_step / train_batch_size")
-    if config.ddpo_samples_per_step % config.train_batch_size:
-        raise ConfigError(f"ddpo_samples_per_step={config.ddpo_samples_per_step} must be a multiple of "
-                          f"train_batch_size={config.train_batch_size}")
-    tracker = PerPromptStatTracker(config.ddpo_stat_tracking_buffer, config.ddpo_stat_tracking_min_count)
-    with runtime.setup_run(config, checkpointed=[tracker]) as run:
-        ddpo_loop(run, tracker)
-        return run.finish()
-
-
-@torch.no_grad()
-def sample_trajectories(run: runtime.Run, prompts: list[str], negative_embeds, generator):
-    config, parts, acc = run.config, run.parts, run.accelerator
-    embeds = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, prompts, acc.device)
-    latents = sampling.initial_latents(len(prompts), parts.unet.config, parts.scheduler, generator, acc.device,
-                                       embeds.dtype)
-    cond = _with_negative(embeds, negative_embeds, config.guidance_scale)
-    parts.scheduler.set_timesteps(config.num_inference_steps, device=acc.device)
-    states, log_probs = [latents], []
-    with acc.autocast():
-        for t in parts.scheduler.timesteps:
-            noise_pred = sampling.predict_noise(run.unet, latents, t, cond, config.guidance_scale, use_checkpoint=False)
-            latents, log_prob = ddim_step_with_logprob(parts.scheduler, noise_pred.float(), t, latents.float(),
-                                                       config.eta, generator=generator)
-            states.append(latents)
-            log_probs.append(log_prob)
-        images = sampling.decode(parts.vae, latents.to(parts.vae.dtype))
-    return embeds, torch.stack(states, 1), torch.stack(log_probs, 1), images.float()
-
-
-def _with_negative(embeds, negative, guidance_scale):
-    if guidance_scale <= 1.0:
-        return embeds
-    return torch.cat([negative.expand(embeds.shape[0], -1, -1), embeds])
-
-
 def ddpo_loop(run: runtime.Run, tracker: PerPromptStatTracker) -> None:
+    """Steps from `run.state.step` to `config.num_steps`."""
     config, parts, acc = run.config, run.parts, run.accelerator
     negative = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, [""], acc.device)
     progress = tqdm(range(run.state.step, config.num_steps), initial=run.state.step, total=config.num_steps,
                     desc="ddpo", disable=not acc.is_local_main_process)
     for step in progress:
         started = time.perf_counter()
-        prompts = run.prompts_for(step, 0, batch_size=config.ddpo_samples_per_step)
-        generator = sampling.step_generator(config.seed, step, 0, acc.process_index)
-        embeds, states, old_log_probs, images = sample_trajectories(run, prompts, negative, generator)
-        rewards = run.reward(images, prompts).detach()
-        if not torch.isfinite(rewards).all():
-            from alignprop.train import TrainingError
-
-            raise TrainingError(f"reward {config.reward!r} returned a non-finite value at step {step}; "
-                                "no adapter was written")
-        all_rewards = acc.gather(rewards.float())
-        all_prompts = _gather_prompts(acc, prompts)
-        advantages = tracker.update(all_prompts, all_rewards.cpu().numpy())
-        mine = slice(acc.process_index * len(prompts), (acc.process_index + 1) * len(prompts))
-        advantages = torch.as_tensor(advantages[mine], dtype=torch.float32, device=acc.device)
-        advantages = advantages.clamp(-config.ddpo_adv_clip_max, config.ddpo_adv_clip_max)
-        stats = ppo_update(run, embeds, negative, states, old_log_probs, advantages,
-                           sampling.step_rng(config.seed, step, 1))
+        trajectories = collect(run, step, negative)
+        rewards = score(run, trajectories, step)
+        advantages, all_rewards = compute_advantages(run, tracker, trajectories.prompts, rewards)
+        stats = ppo_update(run, trajectories, negative, advantages,
+                           sampling.step_generator(config.seed, step, 1, acc.process_index))
         run.state.step = step + 1
-        metrics = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
-                   **stats, "step_time_s": time.perf_counter() - started, "images_seen": run.state.step * run.images_per_step,
+        metrics = {"reward_mean": all_rewards.mean().item(),
+                   "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
+                   **stats, "step_time_s": time.perf_counter() - started,
+                   "images_seen": run.state.step * run.images_per_step,
                    "peak_mem_gib": runtime.peak_memory_gib(acc.device)}
-        run.log(metrics, images=images if run.wants_samples(step + 1) else None)
+        run.log(metrics, images=trajectories.images if run.wants_samples(step + 1) else None)
         progress.set_postfix(reward=f"{metrics['reward_mean']:.4f}")
         run.maybe_checkpoint()
 
 
-def _gather_prompts(acc, prompts: list[str]) -> list[str]:
-    if acc.num_processes == 1:
-        return list(prompts)
-    from accelerate.utils import gather_object
+def collect(run: runtime.Run, step: int, negative: torch.Tensor) -> Trajectories:
+    """This process's samples of `step`, drawn in chunks of `train_batch_size` (bounded memory); every draw is a
+    function of (seed, step, chunk, rank), so a resumed run samples exactly what an uninterrupted one would."""
+    config, acc = run.config, run.accelerator
+    prompts = run.prompts_for(step, 0, batch_size=config.ddpo_samples_per_step)
+    chunks = []
+    for i, start in enumerate(range(0, len(prompts), config.train_batch_size)):
+        generator = sampling.step_generator(config.seed, step, 0, acc.process_index, i)
+        chunks.append(sample_trajectories(run, prompts[start:start + config.train_batch_size], negative, generator))
+    return cat_trajectories(chunks)
 
-    return list(gather_object(list(prompts)))
+
+def score(run: runtime.Run, trajectories: Trajectories, step: int) -> torch.Tensor:
+    with torch.no_grad():
+        rewards = run.reward(trajectories.images, trajectories.prompts).detach().float()
+    if not torch.isfinite(rewards).all():
+        from alignprop.train import TrainingError
+
+        raise TrainingError(f"reward {run.config.reward!r} returned a non-finite value at step {step} (values "
+                            f"{rewards.cpu().tolist()}); check the reward; no adapter was written")
+    return rewards
 
 
-def ppo_update(run, embeds, negative, states, old_log_probs, advantages, rng) -> dict:
-    """Inner epochs of PPO over the sampled trajectories; one optimizer step per epoch."""
-    config, parts, acc = run.config, run.parts, run.accelerator
-    timesteps = parts.scheduler.timesteps
-    n_train = max(1, int(round(len(timesteps) * config.ddpo_timestep_fraction)))
-    batch = config.train_batch_size
-    losses, ratios, clipfracs, grad_norm = [], [], [], None
+def compute_advantages(run: runtime.Run, tracker: PerPromptStatTracker, prompts: list[str],
+                       rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-prompt standardised, clipped advantages of this process's samples, from every process's rewards."""
+    acc, config = run.accelerator, run.config
+    all_rewards = acc.gather(rewards)
+    all_prompts = list(prompts)
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        all_prompts = list(gather_object(list(prompts)))
+    advantages = tracker.update(all_prompts, all_rewards.cpu().numpy())
+    mine = slice(acc.process_index * len(prompts), (acc.process_index + 1) * len(prompts))
+    advantages = torch.as_tensor(advantages[mine], dtype=torch.float32, device=rewards.device)
+    return advantages.clamp(-config.ddpo_adv_clip_max, config.ddpo_adv_clip_max), all_rewards
+
+
+def ppo_update(run: runtime.Run, trajectories: Trajectories, negative: torch.Tensor, advantages: torch.Tensor,
+               generator: torch.Generator) -> dict:
+    """The inner epochs of PPO over one step's samples. Returns mean loss, importance ratio, clip fraction and
+    approximate KL, the gradient norm of the last update, the number of updates, and `ratio_first_update`: the
+    mean |ratio - 1| of the first update (0 up to float error: the same weights sampled and score)."""
+    config, acc = run.config, run.accelerator
+    num_samples, num_timesteps = trajectories.log_probs.shape
+    num_train = max(1, int(num_timesteps * config.ddpo_timestep_fraction))
+    history = {"loss": [], "ratio": [], "clipfrac": [], "approx_kl": []}
+    grad_norm, first_deviation, updates = None, None, 0
     for _ in range(config.ddpo_num_inner_epochs):
-        chosen = sorted(rng.sample(range(len(timesteps)), n_train))
-        order = list(range(len(advantages)))
-        rng.shuffle(order)
-        work = [(mb, j) for mb in range(0, len(order), batch) for j in chosen]
-        for i, (mb, j) in enumerate(work):
-            idx = torch.tensor(order[mb:mb + batch], device=states.device)
-            cond = _with_negative(embeds[idx], negative, config.guidance_scale)
-            last = i == len(work) - 1
-            context = acc.no_sync(run.unet) if not last else contextlib.nullcontext()
-            with context, acc.autocast():
-                noise_pred = sampling.predict_noise(run.unet, states[idx, j], timesteps[j], cond,
-                                                    config.guidance_scale, use_checkpoint=False)
-                _, log_prob = ddim_step_with_logprob(parts.scheduler, noise_pred.float(), timesteps[j],
-                                                     states[idx, j].float(), config.eta, prev_latents=states[idx, j + 1])
-                loss, ratio = ppo_clipped_loss(log_prob, old_log_probs[idx, j], advantages[idx], config.ddpo_clip_range)
-                acc.backward(loss / len(work))
-            losses.append(loss.item())
-            ratios.append(ratio.detach().mean().item())
-            clipfracs.append(((ratio - 1).abs() > config.ddpo_clip_range).float().mean().item())
-        if config.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(run.lora_params, config.max_grad_norm)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": float(np.mean(losses)), "approx_ratio": float(np.mean(ratios)),
-            "clipfrac": float(np.mean(clipfracs)), "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        order = torch.randperm(num_samples, generator=generator)
+        # every sample trains on its own random subset of denoising steps (all of them when the fraction is 1)
+        chosen = torch.stack([torch.randperm(num_timesteps, generator=generator)[:num_train]
+                              for _ in range(num_samples)])
+        for start in range(0, num_samples, config.train_batch_size):
+            idx = order[start:start + config.train_batch_size]
+            ratios = []
+            for j in range(num_train):
+                sync = j == num_train - 1  # all-reduce once per update, on its last backward
+                with acc.no_sync(run.unet) if not sync else contextlib.nullcontext():
+                    loss, ratio = _timestep_loss(run, trajectories, negative, advantages, idx, chosen[idx, j])
+                    acc.backward(loss / num_train)
+                ratios.append(ratio.detach())
+                history["loss"].append(loss.item())  # a CPU-GPU sync point, once per UNet call
+            ratio = torch.cat(ratios)
+            history["ratio"].append(ratio.mean().item())
+            history["clipfrac"].append(((ratio - 1).abs() > config.ddpo_clip_range).float().mean().item())
+            history["approx_kl"].append((0.5 * torch.log(ratio) ** 2).mean().item())
+            if first_deviation is None:
+                first_deviation = (ratio - 1).abs().mean().item()
+            if config.max_grad_norm > 0:
+                grad_norm = acc.clip_grad_norm_(run.lora_params, config.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            updates += 1
+    return {**{k: float(np.mean(v)) for k, v in history.items()}, "ratio_first_update": first_deviation,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None, "updates": updates}
+
+
+def _timestep_loss(run, trajectories: Trajectories, negative, advantages, idx: torch.Tensor,
+                   step_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO loss of denoising step `step_index[i]` of sample `idx[i]`, re-scored under the current weights."""
+    config, device = run.config, run.accelerator.device
+    idx, step_index = idx.to(device), step_index.to(device)
+    latents = trajectories.latents[idx, step_index]
+    prev_latents = trajectories.latents[idx, step_index + 1]
+    timesteps = trajectories.timesteps.to(device)[step_index]
+    embeds = trajectories.prompt_embeds[idx]
+    cond = with_negative(embeds, negative, config.guidance_scale)
+    unet_timesteps = torch.cat([timesteps, timesteps]) if config.guidance_scale > 1.0 else timesteps
+    with run.accelerator.autocast():
+        noise_pred = sampling.predict_noise(run.unet, latents.to(embeds.dtype), unet_timesteps, cond,
+                                            config.guidance_scale, use_checkpoint=False)
+    _, log_prob = ddim_step_with_logprob(run.parts.scheduler, noise_pred.float(), timesteps, latents, config.eta,
+                                         prev_latents=prev_latents)
+    return ppo_clipped_loss(log_prob, trajectories.log_probs[idx, step_index], advantages[idx],
+                            config.ddpo_clip_range)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from alignprop.errors import UserError
 
 import importlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -43,6 +44,21 @@ REWARDS: dict[str, RewardSpec] = {
                                        "-(JPEG size in kB at quality 95), as in DDPO"),
     "jpeg_incompressibility": RewardSpec("alignprop.rewards.jpeg:jpeg_incompressibility", False, "",
                                          "+(JPEG size in kB at quality 95), as in DDPO"),
+    "aesthetic": RewardSpec("alignprop.rewards.aesthetic:aesthetic", True,
+                            "clip-vit-large-patch14/ + aesthetic/sac+logos+ava1-l14-linearMSE.{safetensors,pth}",
+                            "LAION aesthetic predictor v2: MLP on the CLIP ViT-L/14 image embedding (about 1-10)"),
+    "hpsv2": RewardSpec("alignprop.rewards.hps:hpsv2", True,
+                        "hpsv2/HPS_v2.1_compressed.pt [+ hpsv2/open_clip_config.json] + clip-vit-h-14/ (tokenizer)",
+                        "HPS v2/v2.1: image-text cosine of an open_clip ViT-H-14 (raw, about 0.27; option scale)"),
+    "pickscore": RewardSpec("alignprop.rewards.pickscore:pickscore", True,
+                            "pickscore/ (CLIPModel) + clip-vit-h-14/ (tokenizer, preprocessor_config.json)",
+                            "PickScore v1: logit_scale.exp() * image-text cosine (about 20-22)"),
+    "compressibility": RewardSpec("alignprop.rewards.compressibility:compressibility", True,
+                                  "compressibility/model.safetensors + config.json (`rewards fit-compressibility`)",
+                                  "-(JPEG size in kB) predicted by a small CNN: differentiable jpeg_compressibility"),
+    "object_count": RewardSpec("alignprop.rewards.object_count:object_count", True,
+                               "object_count/ (OWLv2 or OWL-ViT directory with tokenizer and preprocessor config)",
+                               "-|soft count - prompted count|, soft count = summed OWL detector scores"),
     "world_count": RewardSpec("alignprop.world.rewards:world_count", True,
                               "shipped (alignprop/world/assets/count_reward); or REWARD_WEIGHTS_DIR/world_count",
                               "-|predicted count - prompted count|, a learned count regressor (world captions)"),
@@ -59,6 +75,7 @@ class Reward:
     fn: RewardFn
     differentiable: bool
     normalize: bool = False  # standardise by a running mean/std (Welford) before use
+    terms: list[tuple["Reward", float]] = field(default_factory=list)  # a mix's (term, weight) pairs; [] otherwise
     count: int = field(default=0, init=False)
     mean: float = field(default=0.0, init=False)
     m2: float = field(default=0.0, init=False)
@@ -113,22 +130,41 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
     return terms
 
 
+def _check_options(name: str, factory, options: dict) -> None:
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = sorted(set(params) - {"device", "weights_dir"})
+    for key in options:
+        if key not in accepted:
+            raise RewardError(f"reward {name} has no option {key!r}; its options: {', '.join(accepted) or 'none'}")
+
+
 def load_reward(spec: str, device: str | torch.device = "cpu", weights_dir: str | None = None,
-                normalize: bool = False) -> Reward:
-    """Build a reward (or weighted mix) by name from `REWARDS`."""
+                normalize: bool = False, options: dict[str, dict] | None = None) -> Reward:
+    """Build a reward (or weighted mix) by name from `REWARDS`.
+
+    weights_dir: the directory (or model-cache manifest / `cache://` / `s3://` reference) holding the learned
+    rewards' weights in the layout of `REWARDS[name].weights`. options: extra keyword arguments per reward
+    name, e.g. `{"hpsv2": {"scale": 100}, "object_count": {"score_threshold": 0.2}}`.
+    """
     terms = parse_mix(spec)
+    options = options or {}
+    unknown = sorted(set(options) - {name for name, _ in terms})
+    if unknown:
+        raise RewardError(f"reward options given for {unknown[0]!r}, which is not in the reward spec {spec!r}")
     built = []
     for name, weight in terms:
         entry = REWARDS[name]
         module, _, function = entry.factory.partition(":")
-        fn = getattr(importlib.import_module(module), function)(device=device, weights_dir=weights_dir)
-        built.append((Reward(name, fn, entry.differentiable, normalize=normalize and len(terms) > 1), weight))
+        factory = getattr(importlib.import_module(module), function)
+        _check_options(name, factory, options.get(name, {}))
+        fn = factory(device=device, weights_dir=weights_dir, **options.get(name, {}))
+        built.append((Reward(name, fn, entry.differentiable, normalize=normalize), weight))  # each term on its own
     if len(built) == 1 and built[0][1] == 1.0:
-        reward = built[0][0]
-        reward.normalize = normalize
-        return reward
+        return built[0][0]
 
     def mix(images, prompts):
         return sum(weight * term(images, prompts) for term, weight in built)
 
-    return Reward(spec, mix, all(term.differentiable for term, _ in built))
+    return Reward(spec, mix, all(term.differentiable for term, _ in built), terms=built)

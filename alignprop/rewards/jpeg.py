@@ -30,7 +30,7 @@ def jpeg_sizes_kb(images: torch.Tensor, quality: int = QUALITY) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 
-def jpeg_compressibility(quality: int = QUALITY, **_):
+def jpeg_compressibility(device="cpu", weights_dir=None, quality: int = QUALITY):
     """-(JPEG size in kB): higher is more compressible."""
 
     def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -39,7 +39,7 @@ def jpeg_compressibility(quality: int = QUALITY, **_):
     return reward
 
 
-def jpeg_incompressibility(quality: int = QUALITY, **_):
+def jpeg_incompressibility(device="cpu", weights_dir=None, quality: int = QUALITY):
     """+(JPEG size in kB): higher is less compressible."""
 
     def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""Train AlignProp, and the DDPO baseline: in the step's pod (one node) or as a Kubeflow Trainer TrainJob."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_alignprop(config_json: str, base_model_ref: str, reward_weights_ref: str, train_prompts: Input[Dataset],
+                    nodes: int, procs_per_node: int, runs_uri: str, trainjob_json: str, timeout_s: int,
+                    step_accelerators: int, pipeline_run_id: str, adapter: Output[Model],
+                    metrics: Output[Metrics]):
+    """Train a LoRA adapter by reward backpropagation; the run directory (adapter, config.json, metrics.jsonl)
+    becomes the `adapter` artifact.
+
+    Args:
+        config_json: the validated TrainConfig.
+        base_model_ref: cache manifest URI of the base model.
+        reward_weights_ref: cache manifest URI of the reward weights; empty when none.
+        train_prompts: prompts to train on (JSONL).
+        nodes: 1 trains in this pod; more submits a TrainJob.
+        procs_per_node: processes per node (one per GPU).
+        runs_uri: s3:// prefix where a TrainJob publishes its run.
+        trainjob_json: JSON of further TrainJob settings (image, accelerators, node selector, tolerations).
+        timeout_s: how long to wait for a TrainJob.
+        step_accelerators: accelerators of this step's pod (0 when it only waits for a TrainJob).
+        pipeline_run_id: the KFP run, recorded on the MLflow run.
+    """
+    import json
+    import logging
+    import os
+
+    from alignprop.config import TrainConfig, update
+    from alignprop.launch import run_summary, run_training
+
+    logging.basicConfig(level=logging.INFO)
+    logging.info("%d node(s) x %d process(es); this pod holds %d accelerator(s)", nodes, procs_per_node,
+                 step_accelerators)
+    base = TrainConfig.from_json(config_json)
+    config = update(base, {"method": "alignprop", "pretrained_model": base_model_ref or base.pretrained_model,
+                           "reward_weights_dir": reward_weights_ref or base.reward_weights_dir,
+                           "prompts": os.path.join(train_prompts.path, "prompts.jsonl")}).validate()
+    os.environ["ALIGNPROP_PIPELINE_RUN_ID"] = pipeline_run_id  # alignprop.tracking tags the MLflow run with it
+    settings = {**json.loads(trainjob_json or "{}"), "output_uri": runs_uri,
+                "env": {"ALIGNPROP_PIPELINE_RUN_ID": pipeline_run_id}}
+    run_training(config, adapter.path, nodes=nodes, procs_per_node=procs_per_node, trainjob=settings,
+                 timeout_s=timeout_s)
+    for name, value in run_summary(adapter.path).items():
+        if value is not None:
+            metrics.log_metric(name, value)
+    adapter.metadata.update({"method": "alignprop", "reward": config.reward, "base_model": config.pretrained_model})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_ddpo(config_json: str, base_model_ref: str, reward_weights_ref: str, train_prompts: Input[Dataset],
+               nodes: int, procs_per_node: int, runs_uri: str, trainjob_json: str, timeout_s: int,
+               step_accelerators: int, pipeline_run_id: str, adapter: Output[Model],
+               metrics: Output[Metrics]):
+    """Train the DDPO baseline (policy gradient, arXiv 2305.13301) with the same model, prompts, reward and
+    number of steps, at DDPO's published sampler and learning-rate settings.
+
+    Args:
+        config_json: the validated TrainConfig (AlignProp's; DDPO's paper settings are applied over it).
+        base_model_ref: cache manifest URI of the base model.
+        reward_weights_ref: cache manifest URI of the reward weights; empty when none.
+        train_prompts: prompts to train on (JSONL).
+        nodes: 1 trains in this pod; more submits a TrainJob.
+        procs_per_node: processes per node (one per GPU).
+        runs_uri: s3:// prefix where a TrainJob publishes its run.
+        trainjob_json: JSON of further TrainJob settings (image, accelerators, node selector, tolerations).
+        timeout_s: how long to wait for a TrainJob.
+        step_accelerators: accelerators of this step's pod (0 when it only waits for a TrainJob).
+        pipeline_run_id: the KFP run, recorded on the MLflow run.
+    """
+    import json
+    import logging
+    import os
+
+    from alignprop.config import TrainConfig, update
+    from alignprop.ddpo import PAPER_DEFAULTS
+    from alignprop.launch import run_summary, run_training
+
+    logging.basicConfig(level=logging.INFO)
+    logging.info("%d node(s) x %d process(es); this pod holds %d accelerator(s)", nodes, procs_per_node,
+                 step_accelerators)
+    base = TrainConfig.from_json(config_json)
+    config = update(base, {**PAPER_DEFAULTS, "method": "ddpo",
+                           "pretrained_model": base_model_ref or base.pretrained_model,
+                           "reward_weights_dir": reward_weights_ref or base.reward_weights_dir,
+                           "prompts": os.path.join(train_prompts.path, "prompts.jsonl")}).validate()
+    os.environ["ALIGNPROP_PIPELINE_RUN_ID"] = pipeline_run_id  # alignprop.tracking tags the MLflow run with it
+    settings = {**json.loads(trainjob_json or "{}"), "output_uri": runs_uri,
+                "env": {"ALIGNPROP_PIPELINE_RUN_ID": pipeline_run_id}}
+    run_training(config, adapter.path, nodes=nodes, procs_per_node=procs_per_node, trainjob=settings,
+                 timeout_s=timeout_s)
+    for name, value in run_summary(adapter.path).items():
+        if value is not None:
+            metrics.log_metric(name, value)
+    adapter.metadata.update({"method": "ddpo", "reward": config.reward, "base_model": config.pretrained_model})
