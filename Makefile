@@ -16,7 +16,7 @@ $(VENV_STAMP): pyproject.toml requirements.lock
 	touch $@
 
 demo: setup
-	.venv/bin/alignprop train --preset tiny --output outputs/demo
+	.venv/bin/alignprop pipeline run --local --preset tiny --output outputs/demo
 
 test: setup
 	$(PY) -m pytest

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 COUNT_REWARD_DIR = Path(__file__).parent / "assets" / "count_reward"
 WEIGHTS_FILE = "model.safetensors"
+FGSM_EVAL_EPS = 0.02  # the pixel step of the adversarial accuracy figure
 
 
 class CountRegressor(nn.Module):
@@ -106,13 +107,29 @@ def evaluate_count_regressor(model: CountRegressor, seed: int = 100, n: int = 10
         varied = np.stack([render_varied(rng, combinations(heldout)) for _ in range(n)])
         metrics["varied_" + split] = count_accuracy(model, torch.from_numpy(varied).permute(0, 3, 1, 2),
                                                     [count_objects(image) for image in varied])
+    images_np, _, counts_np = render_dataset(n, seed=seed + 2)
+    images, counts = torch.from_numpy(images_np).permute(0, 3, 1, 2), torch.from_numpy(counts_np).float()
+    attacked = torch.cat([adversarial(model, images[i:i + 250], counts[i:i + 250], torch.tensor(FGSM_EVAL_EPS))
+                          for i in range(0, n, 250)])
+    metrics[f"fgsm_{FGSM_EVAL_EPS}_train_pairs"] = count_accuracy(model, attacked, counts.numpy())
     return metrics
 
 
+def adversarial(model: CountRegressor, images: torch.Tensor, counts: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """FGSM: each image moved by eps (per image) along the sign of the loss gradient (Goodfellow et al. 2015,
+    arXiv 1412.6572). Training on these keeps a small, gradient-chosen pixel change from moving the predicted
+    count, which is what reward backpropagation would otherwise find and exploit."""
+    images = images.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.smooth_l1_loss(model(images), counts), images)
+    return (images + eps * grad.sign()).clamp(0, 1).detach()
+
+
 def train_count_regressor(out: str | Path, steps: int = 2500, batch_size: int = 64, seed: int = 0,
-                          num_images: int = 24000, width: int = 32, command: str | None = None) -> dict:
-    """`alignprop world train-count-reward OUT`: fit the regressor (smooth L1 on the count); write
-    model.safetensors, config.json and MANIFEST.json with its accuracy on fresh renders."""
+                          num_images: int = 24000, width: int = 32, adversarial_eps: float = 0.03,
+                          command: str | None = None) -> dict:
+    """`alignprop world train-count-reward OUT`: fit the regressor (smooth L1 on the count; half of every batch
+    made adversarial with a step up to `adversarial_eps`); write model.safetensors, config.json and MANIFEST.json
+    with its accuracy on fresh renders."""
     from safetensors.torch import save_file
 
     from alignprop.world.manifest import write_manifest
@@ -128,7 +145,12 @@ def train_count_regressor(out: str | Path, steps: int = 2500, batch_size: int = 
     progress = tqdm(range(steps), desc="world count reward")
     for step in progress:
         idx = torch.from_numpy(rng.integers(0, num_images, batch_size))
-        loss = F.smooth_l1_loss(model(_augment(images[idx], generator)), counts[idx])
+        batch, targets = _augment(images[idx], generator), counts[idx]
+        if adversarial_eps:
+            half = batch_size // 2
+            eps = torch.rand(half, 1, 1, 1, generator=generator) * adversarial_eps
+            batch = torch.cat([adversarial(model, batch[:half], targets[:half], eps), batch[half:]])
+        loss = F.smooth_l1_loss(model(batch), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -142,7 +164,7 @@ def train_count_regressor(out: str | Path, steps: int = 2500, batch_size: int = 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
     config = {"architecture": "CountRegressor", "width": width, "seed": seed, "steps": steps,
-              "batch_size": batch_size, "num_images": num_images}
+              "batch_size": batch_size, "num_images": num_images, "adversarial_eps": adversarial_eps}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     manifest = write_manifest(out, {
         "command": command or f"alignprop world train-count-reward {out} --steps {steps} --seed {seed}",
@@ -195,7 +217,8 @@ def world_color(device="cpu", **_):
         targets = torch.stack([palette[parse_caption(p)[1]] for p in prompts]).to(images)[:, :, None, None]
         border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=2)
         background = border.median(dim=2).values.detach()[:, :, None, None]
-        foreground = torch.sigmoid(((images - background).norm(dim=1) - 0.25) / 0.05)  # soft mask [B, H, W]
+        # soft mask [B, H, W]: 0 up to 0.15 from the background, 1 from 0.35, around the counter's 0.25
+        foreground = (((images - background).norm(dim=1) - 0.15) / 0.2).clamp(0, 1)
         similarity = 1 - (images - targets).norm(dim=1) / 3**0.5
         area = foreground.sum(dim=(1, 2))
         score = (foreground * similarity).sum(dim=(1, 2)) / (area + 1e-6)
