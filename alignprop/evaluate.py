@@ -199,30 +199,28 @@ def generate(parts: models.DiffusionParts, prompts: list[str], seeds: list[int],
 
 
 class AdapterLoaded:
-    """Context manager: the base pipeline with one LoRA adapter applied, removed again on exit."""
+    """Context manager: the base UNet with one LoRA adapter applied (diffusers' loader), removed again on exit."""
 
     def __init__(self, parts: models.DiffusionParts, name: str, directory: str | None):
         self.parts, self.name, self.directory = parts, name, directory
+        self.loaded = False
 
     def __enter__(self):
         if self.directory is None:
             return self
-        from diffusers import StableDiffusionPipeline
-
-        check_adapter_fits(self.name, check_adapter_dir(self.name, self.directory), self.parts.unet)
-        p = self.parts
-        self.pipe = StableDiffusionPipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, p.scheduler, None, None,
-                                            requires_safety_checker=False)
+        path = check_adapter_dir(self.name, self.directory)
+        check_adapter_fits(self.name, path, self.parts.unet)
         try:
-            self.pipe.load_lora_weights(self.directory, adapter_name=self.name)
+            self.parts.unet.load_lora_adapter(str(path), prefix="unet", adapter_name=self.name)
         except (RuntimeError, ValueError, KeyError) as e:
             raise AdapterError(f"adapter {self.name!r} ({self.directory}) could not be loaded into the base model: "
                                f"{str(e).splitlines()[0]}") from None
+        self.loaded = True
         return self
 
     def __exit__(self, *exc):
-        if self.directory is not None and hasattr(self, "pipe"):
-            self.pipe.unload_lora_weights()
+        if self.loaded:
+            self.parts.unet.unload_lora()
         return False
 
 

@@ -1,0 +1,109 @@
+"""The synthetic world: renderer, exact metrics, world rewards, and the shipped model's quality bar."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from alignprop.rewards import load_reward
+from alignprop.world import prompts as wp
+from alignprop.world.metrics import classify_color, count_objects, world_metrics
+from alignprop.world.render import IMAGE_SIZE, render, render_dataset
+
+
+def test_renderer_is_deterministic_by_seed():
+    a, caps_a, counts_a = render_dataset(32, seed=7)
+    b, caps_b, counts_b = render_dataset(32, seed=7)
+    c, _, _ = render_dataset(32, seed=8)
+    assert np.array_equal(a, b) and caps_a == caps_b and np.array_equal(counts_a, counts_b)
+    assert not np.array_equal(a, c)
+    assert a.shape == (32, IMAGE_SIZE, IMAGE_SIZE, 3) and a.min() >= 0 and a.max() <= 1
+
+
+def test_heldout_pairs_never_appear_in_training_renders():
+    _, captions, _ = render_dataset(500, seed=0)
+    heldout = set(wp.heldout_captions())
+    assert heldout and not heldout & set(captions)
+    assert set(wp.train_captions()) >= set(captions)
+    _, held, _ = render_dataset(50, seed=0, heldout=True)
+    assert set(held) <= heldout
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_exact_counter_and_colour_classifier_are_exact_on_renders(noisy):
+    rng = np.random.default_rng(3)
+    for count, color, shape in wp.combinations(False) + wp.combinations(True):
+        image = render(count, color, shape, rng, noisy=noisy)
+        assert count_objects(image) == count, (count, color, shape)
+        assert classify_color(image) == color
+
+
+def test_counter_uses_the_images_own_background():
+    """A drifted, dark or bright background is separated by its own colour, not by a brightness threshold."""
+    rng = np.random.default_rng(0)
+    image = render(3, "yellow", "circle", rng, noisy=False)
+    shifted = np.clip(image * 0.5 + np.array([0.3, 0.0, 0.4]), 0, 1)  # a strong global colour cast
+    assert count_objects(shifted) == 3
+    assert count_objects(np.full((32, 32, 3), 0.4, dtype=np.float32)) == 0
+
+
+def test_world_metrics_per_prompt():
+    images, captions, counts = render_dataset(40, seed=1)
+    wrong = [wp.caption(1 if n > 1 else 2, c, s) for n, c, s in map(wp.parse_caption, captions)]
+    right = world_metrics(torch.from_numpy(images).permute(0, 3, 1, 2), captions)
+    assert right["count_accuracy"] == 1.0 and right["color_accuracy"] == 1.0 and right["count_mae"] == 0
+    bad = world_metrics(images, wrong)
+    assert bad["count_accuracy"] == 0.0 and bad["count_mae"] > 0
+    assert sum(v["n"] for v in right["per_prompt"].values()) == 40
+
+
+def test_parse_caption():
+    assert wp.parse_caption("two red circles") == (2, "red", "circle")
+    assert wp.parse_caption("one blue square") == (1, "blue", "square")
+    with pytest.raises(wp.CaptionError, match="not a world caption"):
+        wp.parse_caption("a photo of a cat")
+
+
+def _renders(captions, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = [render(*wp.parse_caption(c), rng, noisy=False) for c in captions]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def test_world_color_prefers_the_prompted_colour_and_is_differentiable():
+    reward = load_reward("world_color")
+    images = _renders(["two red circles", "three blue squares"]).requires_grad_(True)
+    right = reward(images, ["two red circles", "three blue squares"])
+    wrong = reward(images, ["two green circles", "three yellow squares"])
+    assert (right > wrong + 0.2).all()
+    right.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_world_count_scores_the_right_count_higher_and_is_differentiable():
+    reward = load_reward("world_count")
+    captions = ["one red circle", "two green triangles", "three blue squares", "four yellow circles"]
+    images = _renders(captions, seed=5).requires_grad_(True)
+    right = reward(images, captions)
+    off_by_two = [wp.caption((wp.parse_caption(c)[0] + 1) % 4 + 1, *wp.parse_caption(c)[1:]) for c in captions]
+    wrong = reward(images, off_by_two)
+    assert (right > wrong).all() and right.mean() > -0.5
+    right.sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+def test_shipped_model_meets_its_recorded_quality_bar():
+    """Loads with StableDiffusionPipeline.from_pretrained and re-measures the recorded figures on 64 samples."""
+    from alignprop.models import WORLD_MODEL_DIR
+    from alignprop.world.train_model import evaluate_model, sha256_file
+
+    manifest = json.loads((WORLD_MODEL_DIR / "MANIFEST.json").read_text())
+    for name, entry in manifest["files"].items():
+        assert sha256_file(WORLD_MODEL_DIR / name) == entry["sha256"], name
+    recorded = manifest["quality"]
+    measured = evaluate_model(WORLD_MODEL_DIR, recorded["n_images"], recorded["num_inference_steps"],
+                              recorded["guidance_scale"], recorded["seed"])
+    assert measured["color_accuracy"] >= 0.9
+    assert measured["count_accuracy"] > 0.25 + 0.1  # clearly above chance (4 counts)
+    assert measured["count_accuracy"] == pytest.approx(recorded["count_accuracy"], abs=0.05)
