@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -427,10 +428,15 @@ def _download_verified(entry: FileEntry, dest: Path, stores: dict, manifest: dic
     root, key = storage.locate(entry.uri)
     if root not in stores:
         stores[root] = storage.open_store(root)
-    partial = dest.with_name(f".{dest.name}.part")
+    # a name of its own, so ranks fetching the same model into one directory never write into each other's file
+    partial = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
     for attempt in range(1, attempts + 1):
-        stores[root].download(key, partial)
-        digest = storage.sha256_file(partial)
+        try:
+            stores[root].download(key, partial)
+            digest = storage.sha256_file(partial)
+        except BaseException:  # an interrupted transfer leaves no stray file behind
+            partial.unlink(missing_ok=True)
+            raise
         if digest == entry.sha256:
             os.replace(partial, dest)
             return

@@ -175,6 +175,27 @@ def test_fetch_repairs_corrupt_and_missing_files(tmp_path_factory, local_cache, 
     assert tree(target) == tree(model)
 
 
+def test_interrupted_fetch_leaves_no_stray_file_and_a_rerun_completes(tmp_path_factory, local_cache, tmp_path,
+                                                                     monkeypatch):
+    result = cache.add(str(helpers.tiny_model_dir(tmp_path_factory)))
+    target = tmp_path / "fetched"
+    real_download = storage.LocalStore.download
+
+    def dies_half_way(self, key, dest):
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        Path(dest).write_bytes(b"half a file")
+        raise ConnectionError("connection reset")
+
+    monkeypatch.setattr(storage.LocalStore, "download", dies_half_way)
+    with pytest.raises(ConnectionError):
+        cache.fetch(result.manifest_uri, target)
+    assert not [p for p in target.rglob("*") if p.is_file()]  # no partial file, nothing that looks downloaded
+
+    monkeypatch.setattr(storage.LocalStore, "download", real_download)
+    assert len(cache.fetch(result.manifest_uri, target).downloaded) == len(result.manifest["files"])
+    assert not list(target.rglob("*.part"))
+
+
 def test_materialize_by_cache_uri_and_rehash_after_a_change(tmp_path_factory, local_cache, tmp_path):
     model = helpers.tiny_model_dir(tmp_path_factory)
     result = cache.add(str(model))
