@@ -8,7 +8,7 @@ the term that grows with the number of steps that keep their graph, and that che
 
 Speed: the time of one training step (forward with graph through the last K steps, VAE decode, reward,
 backward) divided by the time of no-grad sampling of the same batch. With per-step checkpointing the floor is
-about 3 (forward, recompute, backward), see shared/model-configs/README.md.
+about 3 (forward, recompute, backward), see benchmarks/model-configs/README.md.
 """
 
 from __future__ import annotations
