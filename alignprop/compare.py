@@ -127,10 +127,18 @@ def analyse(curves: dict[str, list[dict]], window: int) -> dict:
     for m, other in (("alignprop", "ddpo"), ("ddpo", "alignprop")):
         summary[m][f"to_reach_{other}_final"] = first_reaching(curves[m], final[other], window)
     target = min(final.values())  # the level both reached
-    reach = {m: first_reaching(curves[m], target, window) for m in METHODS}
-    efficiency = {"common_target": target, "alignprop": reach["alignprop"], "ddpo": reach["ddpo"]}
-    for key in ("images_seen", "wall_time_s"):
-        efficiency[f"ddpo_over_alignprop_{key}"] = reach["ddpo"][key] / max(reach["alignprop"][key], 1e-9)
+    # where each started: the smoothed reward once the first window is full (both start from the base model)
+    start = {m: float(smoothed(curves[m], window)[min(window, len(curves[m])) - 1]) for m in METHODS}
+    efficiency = {"common_target": target, "start": start}
+    if target > max(start.values()):
+        reach = {m: first_reaching(curves[m], target, window) for m in METHODS}
+        efficiency.update(alignprop=reach["alignprop"], ddpo=reach["ddpo"])
+        for key in ("images_seen", "wall_time_s"):
+            efficiency[f"ddpo_over_alignprop_{key}"] = reach["ddpo"][key] / max(reach["alignprop"][key], 1e-9)
+    else:  # one method ended no higher than it started: "the level both reached" is noise, not progress
+        efficiency.update(alignprop=None, ddpo=None, ddpo_over_alignprop_images_seen=None,
+                          ddpo_over_alignprop_wall_time_s=None,
+                          no_progress=[m for m in METHODS if final[m] <= start[m]])
     leader = max(final, key=final.get)
     other = "ddpo" if leader == "alignprop" else "alignprop"
     efficiency.update(leader=leader, higher_target=final[leader])
@@ -206,11 +214,17 @@ def markdown(summary: dict, metrics: dict) -> str:
                      f"| {num(e.get('world', {}).get('count_accuracy'), 3)} | {t.get('images', 0)} "
                      f"| {num(t.get('wall_time_s'), 3)} | {num(t.get('final_train_reward'))} |")
     e = summary["efficiency"]
-    lines += ["", f"To reach the common training reward {num(e['common_target'])} (the lower of the two final rewards, "
-              f"smoothed): AlignProp {e['alignprop']['images_seen']} images / {num(e['alignprop']['wall_time_s'], 3)} s, "
-              f"DDPO {e['ddpo']['images_seen']} images / {num(e['ddpo']['wall_time_s'], 3)} s: DDPO needed "
-              f"{num(e['ddpo_over_alignprop_images_seen'], 3)}x the images and "
-              f"{num(e['ddpo_over_alignprop_wall_time_s'], 3)}x the wall time of AlignProp."]
+    if e["ddpo_over_alignprop_images_seen"] is None:
+        stalled = " and ".join(e["no_progress"])
+        lines += ["", f"No common level: {stalled} ended no higher than it started (smoothed training reward "
+                  + ", ".join(f"{m} {num(e['start'][m])} -> {num(summary[m]['final_train_reward'])}" for m in METHODS)
+                  + "), so there is no reward both methods reached by training; the bounds below apply."]
+    else:
+        lines += ["", f"To reach the common training reward {num(e['common_target'])} (the lower of the two final "
+                  f"rewards, smoothed): AlignProp {e['alignprop']['images_seen']} images / "
+                  f"{num(e['alignprop']['wall_time_s'], 3)} s, DDPO {e['ddpo']['images_seen']} images / "
+                  f"{num(e['ddpo']['wall_time_s'], 3)} s: DDPO needed {num(e['ddpo_over_alignprop_images_seen'], 3)}x "
+                  f"the images and {num(e['ddpo_over_alignprop_wall_time_s'], 3)}x the wall time of AlignProp."]
     for name, other in (("alignprop", "ddpo"), ("ddpo", "alignprop")):
         hit = summary[name][f"to_reach_{other}_final"]
         where = f"after {hit['images_seen']} images ({num(hit['wall_time_s'], 3)} s)" if hit else "not within the budget"
