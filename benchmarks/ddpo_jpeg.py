@@ -16,9 +16,10 @@ import time
 
 import torch
 
-from alignprop import models, runtime, sampling
+from alignprop import models
 from alignprop.config import parse_overrides, tiny, update
 from alignprop.ddpo import train_ddpo
+from alignprop.evaluate import AdapterLoaded, EvalConfig, generate
 from alignprop.rewards import load_reward
 from alignprop.world import prompts as world_prompts
 
@@ -27,20 +28,10 @@ CAPTIONS = world_prompts.train_captions()[::3]
 
 def fixed_noise_rewards(adapter, steps: int, guidance: float, seeds) -> torch.Tensor:
     parts = models.load_parts("world")
-    if adapter is not None:
-        parts.unet.load_lora_adapter(str(adapter / runtime.ADAPTER_FILE), prefix="unet", adapter_name="ddpo")
     reward = load_reward("jpeg_compressibility")
-    scores = []
-    with torch.no_grad():
-        negative = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, [""], "cpu")
-        embeds = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, CAPTIONS, "cpu")
-        for seed in seeds:
-            generator = torch.Generator().manual_seed(seed)
-            latents = sampling.initial_latents(len(CAPTIONS), parts.unet.config, parts.scheduler, generator, "cpu")
-            latents = sampling.denoise(parts.unet, parts.scheduler, latents, embeds, negative, steps, guidance,
-                                       generator=generator)
-            scores.append(reward(sampling.decode(parts.vae, latents), CAPTIONS))
-    return torch.cat(scores)
+    config = EvalConfig(num_inference_steps=steps, guidance_scale=guidance)
+    with AdapterLoaded(parts, "ddpo", None if adapter is None else str(adapter)), torch.no_grad():
+        return torch.cat([reward(images, prompts) for prompts, images in generate(parts, CAPTIONS, seeds, config, "cpu")])
 
 
 def main() -> None:
