@@ -372,19 +372,23 @@ def _add_reward_parsers(sub) -> None:
 
 
 # --- evaluation commands: evaluate, compare (issue 6) ---------------------------------------------
-def _named_dirs(pairs: list[str], flag: str) -> dict[str, str]:
-    """`NAME=DIR` strings -> {name: dir}."""
+def _pairs(items: list[str], flag: str, form: str = "KEY=VALUE", example: str = "") -> dict[str, str]:
+    """`KEY=VALUE` strings of a repeatable flag -> {key: value}; each key at most once."""
     from alignprop.errors import UserError
 
-    named = {}
-    for pair in pairs:
-        name, sep, directory = pair.partition("=")
-        if not sep or not name or not directory:
-            raise UserError(f"{flag} {pair!r} is not NAME=DIR; e.g. {flag} alignprop=outputs/run1")
-        if name in named:
-            raise UserError(f"{flag} name {name!r} is given twice; give each one a distinct name")
-        named[name] = directory
-    return named
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise UserError(f"{flag} {item!r} is not {form}" + (f"; e.g. {flag} {example}" if example else ""))
+        if key in pairs:
+            raise UserError(f"{flag} {key!r} is given twice; give each one once")
+        pairs[key] = value
+    return pairs
+
+
+def _named_dirs(items: list[str], flag: str) -> dict[str, str]:
+    return _pairs(items, flag, "NAME=DIR", "alignprop=outputs/run1")
 
 
 def _seeds(text: str) -> list[int]:
@@ -647,7 +651,7 @@ def cmd_launch(args):
 
 
 def _trainjob_spec(args):
-    from alignprop.trainjob import TrainJobSpec, current_namespace, parse_pairs, parse_toleration
+    from alignprop.trainjob import TrainJobSpec, current_namespace, parse_toleration
 
     config = _resolve_train_config(args)
     return TrainJobSpec(config_json=config.to_json(), output_uri=args.output_uri, image=args.image, nodes=args.nodes,
@@ -656,9 +660,9 @@ def _trainjob_spec(args):
                         cpu=args.cpu or "", memory=args.memory or "", name=args.name or "",
                         namespace=args.namespace or current_namespace(), runtime=args.runtime,
                         runtime_kind=args.runtime_kind, strategy=args.strategy,
-                        node_selector=parse_pairs(args.node_selector, "--node-selector"),
+                        node_selector=_pairs(args.node_selector, "--node-selector"),
                         tolerations=[parse_toleration(t) for t in args.toleration],
-                        volumes=parse_pairs(args.pvc, "--pvc"), deadline_s=args.deadline)
+                        volumes=_pairs(args.pvc, "--pvc", "CLAIM=MOUNT_PATH"), deadline_s=args.deadline)
 
 
 def cmd_trainjob(args):
@@ -690,7 +694,7 @@ def _pipelines_run():
 
 
 def _cluster_settings(args):
-    from alignprop.trainjob import parse_pairs, parse_toleration
+    from alignprop.trainjob import parse_toleration
 
     settings = _pipelines_run().ClusterSettings()
     settings.image = args.image or settings.image
@@ -698,7 +702,7 @@ def _cluster_settings(args):
     if args.accelerator_limit is not None:
         settings.accelerator_limit = args.accelerator_limit
     if args.node_selector:
-        settings.node_selector = parse_pairs(args.node_selector, "--node-selector")
+        settings.node_selector = _pairs(args.node_selector, "--node-selector")
     if args.toleration:
         settings.tolerations = [parse_toleration(t) for t in args.toleration]
     return settings

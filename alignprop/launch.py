@@ -293,3 +293,28 @@ def run_summary(run_dir: str | Path) -> dict:
     first, last = lines[0], lines[-1]
     return {"steps": last["step"], "reward_first": first.get("reward_mean"), "reward_last": last.get("reward_mean"),
             "images_seen": last.get("images_seen"), "wall_time_s": last.get("wall_time_s")}
+
+
+def pipeline_train_step(method: str, config_json: str, base_model_ref: str, reward_weights_ref: str,
+                        prompts_path: str, destination: str, nodes: int, procs_per_node: int, runs_uri: str,
+                        trainjob_json: str, timeout_s: float, pipeline_run_id: str):
+    """The body of the pipeline's train steps (AlignProp and DDPO): the step's config from the validated one, with
+    the cached model and prompts; train in place or as a TrainJob; return (config, run_summary)."""
+    import json
+
+    from alignprop.config import TrainConfig, update
+
+    base = TrainConfig.from_json(config_json)
+    values = {"method": method, "pretrained_model": base_model_ref or base.pretrained_model,
+              "reward_weights_dir": reward_weights_ref or base.reward_weights_dir, "prompts": prompts_path}
+    if method == "ddpo":
+        from alignprop.ddpo import PAPER_DEFAULTS
+
+        values = {**PAPER_DEFAULTS, **values}
+    config = update(base, values).validate()
+    os.environ["ALIGNPROP_PIPELINE_RUN_ID"] = pipeline_run_id  # alignprop.tracking tags the MLflow run with it
+    settings = {**json.loads(trainjob_json or "{}"), "output_uri": runs_uri,
+                "env": {"ALIGNPROP_PIPELINE_RUN_ID": pipeline_run_id}}
+    run_training(config, destination, nodes=nodes, procs_per_node=procs_per_node, trainjob=settings,
+                 timeout_s=timeout_s)
+    return config, run_summary(destination)

@@ -425,14 +425,3 @@ def parse_toleration(text: str) -> dict:
     if has_value:
         return {"key": key, "operator": "Equal", "value": value, "effect": effect}
     return {"key": key, "operator": "Exists", "effect": effect}
-
-
-def parse_pairs(items: list[str], what: str) -> dict[str, str]:
-    """["a=b", ...] -> {"a": "b"}; `what` names the option in the error."""
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise TrainJobError(f"{what} {item!r} is not KEY=VALUE")
-        pairs[key] = value
-    return pairs

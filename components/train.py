@@ -27,26 +27,18 @@ def train_alignprop(config_json: str, base_model_ref: str, reward_weights_ref: s
         step_accelerators: accelerators of this step's pod (0 when it only waits for a TrainJob).
         pipeline_run_id: the KFP run, recorded on the MLflow run.
     """
-    import json
     import logging
     import os
 
-    from alignprop.config import TrainConfig, update
-    from alignprop.launch import run_summary, run_training
+    from alignprop.launch import pipeline_train_step
 
     logging.basicConfig(level=logging.INFO)
     logging.info("%d node(s) x %d process(es); this pod holds %d accelerator(s)", nodes, procs_per_node,
                  step_accelerators)
-    base = TrainConfig.from_json(config_json)
-    config = update(base, {"method": "alignprop", "pretrained_model": base_model_ref or base.pretrained_model,
-                           "reward_weights_dir": reward_weights_ref or base.reward_weights_dir,
-                           "prompts": os.path.join(train_prompts.path, "prompts.jsonl")}).validate()
-    os.environ["ALIGNPROP_PIPELINE_RUN_ID"] = pipeline_run_id  # alignprop.tracking tags the MLflow run with it
-    settings = {**json.loads(trainjob_json or "{}"), "output_uri": runs_uri,
-                "env": {"ALIGNPROP_PIPELINE_RUN_ID": pipeline_run_id}}
-    run_training(config, adapter.path, nodes=nodes, procs_per_node=procs_per_node, trainjob=settings,
-                 timeout_s=timeout_s)
-    for name, value in run_summary(adapter.path).items():
+    config, summary = pipeline_train_step("alignprop", config_json, base_model_ref, reward_weights_ref,
+                                          os.path.join(train_prompts.path, "prompts.jsonl"), adapter.path, nodes,
+                                          procs_per_node, runs_uri, trainjob_json, timeout_s, pipeline_run_id)
+    for name, value in summary.items():
         if value is not None:
             metrics.log_metric(name, value)
     adapter.metadata.update({"method": "alignprop", "reward": config.reward, "base_model": config.pretrained_model})
@@ -73,28 +65,18 @@ def train_ddpo(config_json: str, base_model_ref: str, reward_weights_ref: str, t
         step_accelerators: accelerators of this step's pod (0 when it only waits for a TrainJob).
         pipeline_run_id: the KFP run, recorded on the MLflow run.
     """
-    import json
     import logging
     import os
 
-    from alignprop.config import TrainConfig, update
-    from alignprop.ddpo import PAPER_DEFAULTS
-    from alignprop.launch import run_summary, run_training
+    from alignprop.launch import pipeline_train_step
 
     logging.basicConfig(level=logging.INFO)
     logging.info("%d node(s) x %d process(es); this pod holds %d accelerator(s)", nodes, procs_per_node,
                  step_accelerators)
-    base = TrainConfig.from_json(config_json)
-    config = update(base, {**PAPER_DEFAULTS, "method": "ddpo",
-                           "pretrained_model": base_model_ref or base.pretrained_model,
-                           "reward_weights_dir": reward_weights_ref or base.reward_weights_dir,
-                           "prompts": os.path.join(train_prompts.path, "prompts.jsonl")}).validate()
-    os.environ["ALIGNPROP_PIPELINE_RUN_ID"] = pipeline_run_id  # alignprop.tracking tags the MLflow run with it
-    settings = {**json.loads(trainjob_json or "{}"), "output_uri": runs_uri,
-                "env": {"ALIGNPROP_PIPELINE_RUN_ID": pipeline_run_id}}
-    run_training(config, adapter.path, nodes=nodes, procs_per_node=procs_per_node, trainjob=settings,
-                 timeout_s=timeout_s)
-    for name, value in run_summary(adapter.path).items():
+    config, summary = pipeline_train_step("ddpo", config_json, base_model_ref, reward_weights_ref,
+                                          os.path.join(train_prompts.path, "prompts.jsonl"), adapter.path, nodes,
+                                          procs_per_node, runs_uri, trainjob_json, timeout_s, pipeline_run_id)
+    for name, value in summary.items():
         if value is not None:
             metrics.log_metric(name, value)
     adapter.metadata.update({"method": "ddpo", "reward": config.reward, "base_model": config.pretrained_model})
