@@ -22,7 +22,6 @@ atomic on the server), so two processes that register or promote at once cannot 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alignprop import tracking
+from alignprop import storage, tracking
 from alignprop.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -323,7 +322,7 @@ def _version_tags(adapter, adapter_dir, config, train_info, run_id, evaluation, 
     sha, dirty = tracking.git_commit()
     tags = {
         **base_tags,
-        "adapter.sha256": _sha256(adapter),
+        "adapter.sha256": storage.sha256_file(adapter),
         "adapter.source": str(adapter_dir.resolve()),
         "train_reward": config.get("reward"),
         "train_prompts": config.get("prompts"),
@@ -372,14 +371,6 @@ def _init_model(client, name: str, stages: list[str] | None) -> list[str]:
     ladder = _ladder(explicit)
     client.set_registered_model_tag(name, STAGES_TAG, ",".join(ladder))
     return ladder
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> dict:

@@ -96,7 +96,8 @@ def test_world_count_scores_the_right_count_higher_and_is_differentiable():
 def test_shipped_model_meets_its_recorded_quality_bar():
     """Loads with StableDiffusionPipeline.from_pretrained and re-measures the recorded figures on 64 samples."""
     from alignprop.models import WORLD_MODEL_DIR
-    from alignprop.world.train_model import evaluate_model, sha256_file
+    from alignprop.storage import sha256_file
+    from alignprop.world.train_model import evaluate_model
 
     manifest = json.loads((WORLD_MODEL_DIR / "MANIFEST.json").read_text())
     for name, entry in manifest["files"].items():

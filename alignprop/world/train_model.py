@@ -12,7 +12,6 @@ every file, quality figures measured by the exact ground-truth metrics).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from alignprop import models
+from alignprop import models, storage
 from alignprop.world import prompts as world_prompts
 from alignprop.world.metrics import world_metrics
 from alignprop.world.render import render_dataset
@@ -164,16 +163,8 @@ def evaluate_model(model_dir: str | Path, num_images: int = 64, steps: int = 20,
             "prompts": "heldout" if heldout else "train"}
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(directory: Path, extra: dict) -> dict:
-    files = {str(p.relative_to(directory)): {"sha256": sha256_file(p), "size": p.stat().st_size}
+    files = {str(p.relative_to(directory)): {"sha256": storage.sha256_file(p), "size": p.stat().st_size}
              for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "MANIFEST.json"}
     manifest = {**extra, "files": files}
     (directory / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
