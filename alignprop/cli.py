@@ -106,8 +106,10 @@ def cmd_world_train_count_reward(args):
 
     from alignprop.world.rewards import train_count_regressor
 
-    command = f"alignprop world train-count-reward {args.out} --steps {args.steps} --seed {args.seed}"
-    manifest = train_count_regressor(args.out, steps=args.steps, seed=args.seed, command=command)
+    command = (f"alignprop world train-count-reward {args.out} --steps {args.steps} --seed {args.seed} "
+               f"--num-images {args.num_images} --agreement-images {args.agreement_images}")
+    manifest = train_count_regressor(args.out, steps=args.steps, seed=args.seed, num_images=args.num_images,
+                                     command=command, agreement_images=args.agreement_images)
     print(json.dumps(manifest["held_out"], indent=2))
 
 
@@ -878,10 +880,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-steps", type=int, help="override the autoencoder step count")
     p.add_argument("--unet-steps", type=int, help="override the UNet step count")
     p.set_defaults(func=cmd_world_train_model)
-    p = wsub.add_parser("train-count-reward", help="train the world_count regressor on renders")
+    p = wsub.add_parser("train-count-reward", help="train the world_count regressor on varied renders (~8 min)")
     p.add_argument("out")
-    p.add_argument("--steps", type=int, default=2500, help="optimizer steps of 64 images")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps of 64 images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=20000, help="varied training scenes to render")
+    p.add_argument("--agreement-images", type=int, default=96,
+                   help="world-model samples per caption split on which to record agreement with the exact counter "
+                        "(0 skips it)")
     p.set_defaults(func=cmd_world_train_count_reward)
     p = wsub.add_parser("evaluate", help="ground-truth count and colour accuracy of a model's samples")
     p.add_argument("model", nargs="?", default="world", help="diffusers directory (default: the shipped model)")

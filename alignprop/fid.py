@@ -46,10 +46,10 @@ class FIDError(UserError):
 # Feature extractors: images [B, 3, H, W] in [0, 1] -> features [B, num_features]
 # ---------------------------------------------------------------------------------------------------------------
 class WorldCountFeatures(nn.Module):
-    """Mean-pooled activations of the `world_count` regressor (trained on world renders): its first 32-channel
-    stage (colour and edges) and its last 64-channel stage (shapes, read by the count head): 96 features."""
+    """Mean-pooled activations of the `world_count` regressor (trained on world scenes): its first 32-channel
+    stage (colour and edges, 32x32) and its last 128-channel stage (objects and layout, 4x4): 160 features."""
 
-    num_features = 96
+    num_features = 160
     input_size = 32
 
     def __init__(self, weights_dir: str | Path | None = None):
@@ -57,8 +57,8 @@ class WorldCountFeatures(nn.Module):
         from alignprop.world.rewards import load_count_regressor
 
         layers = list(load_count_regressor(weights_dir).features)
-        self.early, self.late = nn.Sequential(*layers[:4]), nn.Sequential(*layers[4:-1])
-        self.name = "world_count_cnn (96-d mean-pooled features of the world_count regressor)"
+        self.early, self.late = nn.Sequential(*layers[:4]), nn.Sequential(*layers[4:])
+        self.name = "world_count_cnn (160-d mean-pooled features of the world_count regressor)"
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

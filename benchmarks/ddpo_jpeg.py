@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/ddpo_jpeg.py --set num_steps=10 --set ddpo_samples_per_step=16 \
         --set train_batch_size=16 --set learning_rate=3e-3 --set num_inference_steps=10
 
-Trains DDPO (tiny preset, eta 1, reward jpeg_compressibility, plus your --set values), then samples 12 training
-captions x 4 seeds from the same initial noise with and without the adapter (DDIM, eta 0) and prints the mean
-reward of each and the paired gain with its standard error. A benchmark: it prints figures and asserts nothing.
+Trains DDPO (tiny preset, eta 1, reward jpeg_compressibility, plus your --set values), then samples up to 12 of the
+training captions (every third of `world_counts`) x --seeds from the same initial and step noise with and without the
+adapter (DDIM at the training eta: DDPO improves the stochastic policy it sampled from), and prints the mean reward of
+each and the paired gain with its standard error. A benchmark: it prints figures and asserts nothing.
 """
 
 from __future__ import annotations
@@ -20,18 +21,15 @@ from alignprop import models
 from alignprop.config import parse_overrides, tiny, update
 from alignprop.ddpo import train_ddpo
 from alignprop.evaluate import AdapterLoaded, EvalConfig, generate
+from alignprop.prompts import load_prompts
 from alignprop.rewards import load_reward
-from alignprop.world import prompts as world_prompts
 
-CAPTIONS = world_prompts.train_captions()[::3]
-
-
-def fixed_noise_rewards(adapter, steps: int, guidance: float, seeds) -> torch.Tensor:
+def fixed_noise_rewards(adapter, captions: list[str], steps: int, guidance: float, eta: float, seeds) -> torch.Tensor:
     parts = models.load_parts("world")
     reward = load_reward("jpeg_compressibility")
-    config = EvalConfig(num_inference_steps=steps, guidance_scale=guidance)
+    config = EvalConfig(num_inference_steps=steps, guidance_scale=guidance, eta=eta)
     with AdapterLoaded(parts, "ddpo", None if adapter is None else str(adapter)), torch.no_grad():
-        return torch.cat([reward(images, prompts) for prompts, images in generate(parts, CAPTIONS, seeds, config, "cpu")])
+        return torch.cat([reward(images, prompts) for prompts, images in generate(parts, captions, seeds, config, "cpu")])
 
 
 def main() -> None:
@@ -44,11 +42,13 @@ def main() -> None:
                            "reward": "jpeg_compressibility", "eta": 1.0})
     config = update(base, parse_overrides(base, args.set)).validate()
     seeds = [int(s) for s in args.seeds.split(",")]
-    before = fixed_noise_rewards(None, config.num_inference_steps, config.guidance_scale, seeds)
+    captions = load_prompts(config.prompts)
+    captions = captions[::3] if config.prompts == "world_counts" else captions[:12]
+    before = fixed_noise_rewards(None, captions, config.num_inference_steps, config.guidance_scale, config.eta, seeds)
     started = time.perf_counter()
     adapter = train_ddpo(config)
     seconds = time.perf_counter() - started
-    after = fixed_noise_rewards(adapter, config.num_inference_steps, config.guidance_scale, seeds)
+    after = fixed_noise_rewards(adapter, captions, config.num_inference_steps, config.guidance_scale, config.eta, seeds)
     gain = after - before
     rows = [json.loads(line) for line in (adapter / "metrics.jsonl").read_text().splitlines()]
     print(f"DDPO on jpeg_compressibility: {rows[-1]['images_seen']} images sampled in {seconds:.0f} s")

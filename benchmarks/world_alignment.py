@@ -18,6 +18,8 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from alignprop.config import parse_overrides, tiny, update
 from alignprop.ddpo import train_ddpo
 from alignprop.models import resolve_model_dir
@@ -27,8 +29,15 @@ from alignprop.world.train_model import evaluate_model
 
 def evaluate(adapter, n):
     model = resolve_model_dir("world")
-    return {split: evaluate_model(model, n, heldout=(split == "heldout"), adapter=adapter)
+    return {split: evaluate_model(model, n, heldout=(split == "heldout"), adapter=adapter, per_image=True)
             for split in ("heldout", "train")}
+
+
+def paired_gain(base: dict, tuned: dict) -> tuple[float, float]:
+    """Count-accuracy gain over the base model on the same initial noise, and its standard error (paired)."""
+    right = lambda r: np.array(r["counts"]) == np.array(r["targets"])  # noqa: E731
+    diff = right(tuned).astype(float) - right(base).astype(float)
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
 def main() -> None:
@@ -72,13 +81,17 @@ def main() -> None:
                          **evaluate(adapter, args.eval_images)}
 
     print(f"\nworld_count alignment, {args.images} training images per method, {args.eval_images} eval images per split")
-    print(f"{'model':>10} {'images':>7} {'train s':>8} {'held-out count acc':>19} {'held-out MAE':>13} "
-          f"{'train-caption count acc':>24} {'colour acc (held-out)':>22}")
+    print(f"{'model':>10} {'images':>7} {'train s':>8} {'held-out count acc':>19} {'gain +- SE (paired)':>20} "
+          f"{'held-out MAE':>13} {'train-caption count acc':>24} {'gain +- SE (paired)':>20} "
+          f"{'colour acc (held-out)':>22}")
     for name in ("base", *runs):
         r = results[name]
+        for split in ("heldout", "train"):
+            r[split]["gain_over_base"], r[split]["gain_se"] = paired_gain(results["base"][split], r[split])
+        gains = {split: f"{r[split]['gain_over_base']:+.3f} +- {r[split]['gain_se']:.3f}" for split in ("heldout", "train")}
         print(f"{name:>10} {r.get('images_seen', 0):>7} {r.get('train_seconds', 0):>8.0f} "
-              f"{r['heldout']['count_accuracy']:>19.3f} {r['heldout']['count_mae']:>13.3f} "
-              f"{r['train']['count_accuracy']:>24.3f} {r['heldout']['color_accuracy']:>22.3f}")
+              f"{r['heldout']['count_accuracy']:>19.3f} {gains['heldout']:>20} {r['heldout']['count_mae']:>13.3f} "
+              f"{r['train']['count_accuracy']:>24.3f} {gains['train']:>20} {r['heldout']['color_accuracy']:>22.3f}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"results: {out / 'results.json'}")

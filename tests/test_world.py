@@ -108,3 +108,53 @@ def test_shipped_model_meets_its_recorded_quality_bar():
     assert measured["color_accuracy"] >= 0.9
     assert measured["count_accuracy"] > 0.25 + 0.1  # clearly above chance (4 counts)
     assert measured["count_accuracy"] == pytest.approx(recorded["count_accuracy"], abs=0.05)
+
+
+def test_varied_scenes_are_deterministic_and_labelled_by_the_exact_counter():
+    from alignprop.world.rewards import varied_dataset
+
+    images, counts = varied_dataset(40, seed=3)
+    again, counts_again = varied_dataset(40, seed=3)
+    assert torch.equal(images, again) and torch.equal(counts, counts_again)
+    assert images.shape == (40, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert counts.tolist() == [count_objects(i) for i in images.permute(0, 2, 3, 1).numpy()]
+    assert len(set(counts.tolist())) >= 5  # 0 to 6 objects, not only the prompts' 1-4
+
+
+def test_shipped_count_reward_agrees_with_the_exact_counter_on_world_samples():
+    """The learned reward must read the count the exact counter reads on the world model's own samples, or
+    aligning to it moves the reward and not the count. Its manifest records the figure; re-measured here."""
+    from alignprop.storage import sha256_file
+    from alignprop.world.rewards import COUNT_REWARD_DIR, agreement_on_world_samples, load_count_regressor
+
+    manifest = json.loads((COUNT_REWARD_DIR / "MANIFEST.json").read_text())
+    for name, entry in manifest["files"].items():
+        assert sha256_file(COUNT_REWARD_DIR / name) == entry["sha256"], name
+    assert manifest["held_out"]["heldout_pairs"]["accuracy"] >= 0.98  # exact on held-out renders
+    measured = agreement_on_world_samples(load_count_regressor(), 48)
+    for split, figures in measured.items():
+        recorded = manifest["held_out"][split]["agreement_with_exact_counter"]
+        assert figures["agreement_with_exact_counter"] >= 0.8, (split, figures)
+        assert figures["agreement_with_exact_counter"] == pytest.approx(recorded, abs=0.1), split
+
+
+def test_train_count_reward_command_writes_a_complete_reward_or_nothing(tmp_path):
+    import helpers
+
+    out = tmp_path / "count_reward"
+    done = helpers.run_cli("world", "train-count-reward", str(out), "--steps", "3", "--num-images", "64",
+                           "--agreement-images", "0")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert set(manifest["files"]) == {"config.json", "model.safetensors"}
+    assert "--steps 3" in manifest["command"] and "heldout_pairs" in manifest["held_out"]
+    before = (out / "model.safetensors").read_bytes()
+    images = torch.from_numpy(render_dataset(4, seed=0)[0]).permute(0, 3, 1, 2)
+    shipped = load_reward("world_count")(images, ["one red circle"] * 4)
+    (tmp_path / "world_count").symlink_to(out)  # the layout `--set reward_weights_dir=DIR` reads
+    trained = load_reward("world_count", weights_dir=str(tmp_path))(images, ["one red circle"] * 4)
+    assert trained.shape == (4,) and not torch.allclose(trained, shipped)  # 3 steps: not the shipped weights
+
+    bad = helpers.run_cli("world", "train-count-reward", str(out), "--steps", "0")
+    assert bad.returncode != 0 and "steps >= 1" in bad.stderr and "Traceback" not in bad.stderr
+    assert (out / "model.safetensors").read_bytes() == before  # nothing already saved is lost

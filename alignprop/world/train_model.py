@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -139,9 +138,11 @@ def train_denoiser(unet, text_encoder, tokenizer, latents_dist, captions, config
     text_encoder.eval()
 
 
-def evaluate_model(model_dir: str | Path, num_images: int = 64, steps: int = 20, guidance: float = 5.0,
-                   seed: int = 1234, heldout: bool = False, adapter: str | Path | None = None) -> dict:
-    """Ground-truth count and colour accuracy of `num_images` samples, cycling over the captions."""
+def sample_world(model_dir: str | Path, num_images: int = 64, steps: int = 20, guidance: float = 5.0,
+                 seed: int = 1234, heldout: bool = False, adapter: str | Path | None = None
+                 ) -> tuple[torch.Tensor, list[str]]:
+    """`num_images` samples [N, 3, H, W] in [0, 1] and their captions, cycling over the train or held-out captions;
+    fixed seeds, so two calls with the same arguments draw the same initial noise."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))
@@ -156,9 +157,22 @@ def evaluate_model(model_dir: str | Path, num_images: int = 64, steps: int = 20,
         out = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
                    generator=torch.Generator().manual_seed(seed + start)).images
         images.append(out)
-    metrics = world_metrics(torch.cat(images), chosen)
+    return torch.cat(images), chosen
+
+
+def evaluate_model(model_dir: str | Path, num_images: int = 64, steps: int = 20, guidance: float = 5.0,
+                   seed: int = 1234, heldout: bool = False, adapter: str | Path | None = None,
+                   per_image: bool = False) -> dict:
+    """Ground-truth count and colour accuracy of `num_images` samples, cycling over the captions. `per_image` keeps
+    each image's exact count and its prompted count (`counts`, `targets`), for paired comparisons of two models
+    sampled from the same noise."""
+    images, chosen = sample_world(model_dir, num_images, steps, guidance, seed, heldout, adapter)
+    metrics = world_metrics(images, chosen)
     metrics.pop("per_prompt")
-    metrics.pop("counts")
+    if per_image:
+        metrics["targets"] = [world_prompts.parse_caption(c)[0] for c in chosen]
+    else:
+        metrics.pop("counts")
     return {**metrics, "num_inference_steps": steps, "guidance_scale": guidance, "seed": seed,
             "prompts": "heldout" if heldout else "train"}
 
@@ -171,7 +185,7 @@ def write_manifest(directory: Path, extra: dict) -> dict:
     return manifest
 
 
-def train_world_model(out: str | Path, config: WorldModelConfig | None = None) -> dict:
+def train_world_model(out: str | Path, config: WorldModelConfig | None = None, command: str | None = None) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     config = config or WorldModelConfig()
@@ -202,8 +216,7 @@ def train_world_model(out: str | Path, config: WorldModelConfig | None = None) -
     quality = evaluate_model(tmp, config.eval_images, config.eval_steps, config.eval_guidance)
     heldout = evaluate_model(tmp, config.eval_images, config.eval_steps, config.eval_guidance, heldout=True)
     manifest = write_manifest(tmp, {
-        "command": "alignprop world train-model " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["world", "train-model"]
-        else f"alignprop world train-model {out}",
+        "command": command or f"alignprop world train-model {out} --seed {config.seed}",
         "seed": config.seed, "config": asdict(config), "train_seconds": round(train_seconds, 1),
         "torch": torch.__version__, "quality": quality, "quality_heldout": heldout,
         "quality_bar": {"color_accuracy_min": 0.9, "count_accuracy_chance": 0.25},
