@@ -158,3 +158,17 @@ def test_train_count_reward_command_writes_a_complete_reward_or_nothing(tmp_path
     bad = helpers.run_cli("world", "train-count-reward", str(out), "--steps", "0")
     assert bad.returncode != 0 and "steps >= 1" in bad.stderr and "Traceback" not in bad.stderr
     assert (out / "model.safetensors").read_bytes() == before  # nothing already saved is lost
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_with_the_fix(tmp_path):
+    from safetensors.torch import save_file
+
+    from alignprop.errors import UserError
+    from alignprop.world.rewards import WEIGHTS_FILE, load_count_regressor
+
+    with pytest.raises(UserError, match="not found.*train-count-reward"):
+        load_count_regressor(tmp_path)
+    save_file({"features.0.weight": torch.zeros(32, 3, 3, 3), "features.10.weight": torch.zeros(1, 64, 1, 1)},
+              tmp_path / WEIGHTS_FILE)  # the layout of the earlier density-map regressor, abridged
+    with pytest.raises(UserError, match="not a checkpoint of this version.*retrain it"):
+        load_count_regressor(tmp_path)

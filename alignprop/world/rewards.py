@@ -181,13 +181,13 @@ def train_count_regressor(out: str | Path, steps: int = 3000, batch_size: int = 
 def agreement_on_world_samples(model: CountRegressor, num_images: int = 96,
                                model_dir: str | Path | None = None) -> dict:
     """How often the regressor's rounded count equals the exact counter's on the world model's samples (train and
-    held-out captions; the world evaluation's fixed seeds), and the exact counts' own accuracy for reference."""
+    held-out captions; the world evaluation's fixed seeds)."""
     from alignprop.models import WORLD_MODEL_DIR
     from alignprop.world.train_model import sample_world
 
     result = {}
     for split, heldout in (("world_samples_train", False), ("world_samples_heldout", True)):
-        images, captions = sample_world(model_dir or WORLD_MODEL_DIR, num_images, heldout=heldout)
+        images, _ = sample_world(model_dir or WORLD_MODEL_DIR, num_images, heldout=heldout)
         exact = torch.tensor([count_objects(image) for image in images.permute(0, 2, 3, 1).numpy()])
         with torch.no_grad():
             predicted = model(images).round().long()
@@ -203,12 +203,15 @@ def load_count_regressor(weights_dir: str | Path | None = None, device="cpu") ->
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise UserError(f"world_count weights not found at {path}; train them with `alignprop world "
-                        "train-count-reward DIR` and pass --set reward_weights_dir=DIR")
+                        "train-count-reward DIR/world_count` and pass --set reward_weights_dir=DIR")
     model = CountRegressor()
     state = load_file(path)
-    missing = [k for k in model.state_dict() if k not in state]
-    if missing:
-        raise UserError(f"{path} is not a world_count checkpoint: missing key {missing[0]!r}")
+    expected = model.state_dict()
+    wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+    if wrong:
+        raise UserError(f"{path} is not a checkpoint of this version's world_count regressor (key {wrong[0]!r} is "
+                        "missing or has another shape); retrain it with "
+                        "`alignprop world train-count-reward DIR/world_count`")
     model.load_state_dict(state)
     return model.requires_grad_(False).eval().to(device)
 
