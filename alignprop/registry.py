@@ -626,7 +626,10 @@ def _alias_lock(client, name: str, wait_s: float = LOCK_WAIT_S, stale_s: float =
                                            description=f"held while alignprop moves aliases of {name}")
             break
         except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            # Taken. A server that finds the name taken looks the model up to word its error; when the holder
+            # released the lock in between, that lookup fails and the create answers RESOURCE_DOES_NOT_EXIST
+            # (mlflow's SqlAlchemyStore.create_registered_model): that is contention too, so try again.
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         if _lock_age_s(client, lock) > stale_s:
             logger.warning("breaking stale registry lock %s", lock)

@@ -311,3 +311,31 @@ def test_registry_works_with_the_default_sqlite_store(adapters, tmp_path, monkey
     assert client.get_model_version_by_alias("local", "staging").version == result.version
     mlmodel = client.download_artifacts(result.run_id, "", str(tmp_path / "dl"))
     assert any((Path(mlmodel) / d / "MLmodel").is_file() for d in os.listdir(mlmodel))
+
+
+def test_the_lock_retries_when_the_holder_releases_it_during_a_create(mlflow_server):
+    """mlflow's server words a name clash by looking the model up; if the holder deleted the lock in between, the
+    create answers RESOURCE_DOES_NOT_EXIST (seen in CI with two registrations at once). That is contention: the
+    lock must retry, not fail the registration."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    class ReleasedMidCreate:  # a real client; its first lock create meets the race
+        def __init__(self, client):
+            self.client, self.raced = client, False
+
+        def create_registered_model(self, name, **kw):
+            if not self.raced:
+                self.raced = True
+                raise MlflowException(f"Registered Model with name={name} not found",
+                                      error_code=RESOURCE_DOES_NOT_EXIST)
+            return self.client.create_registered_model(name, **kw)
+
+        def __getattr__(self, attr):
+            return getattr(self.client, attr)
+
+    name, client = new_name(), client_for(mlflow_server)
+    racing = ReleasedMidCreate(client)
+    with registry._alias_lock(racing, name, wait_s=30):
+        assert racing.raced and client.get_registered_model(name + registry.LOCK_SUFFIX)
+    assert client.search_registered_models(f"name='{name}{registry.LOCK_SUFFIX}'") == []
