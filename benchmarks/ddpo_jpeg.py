@@ -29,7 +29,8 @@ def fixed_noise_rewards(adapter, captions: list[str], steps: int, guidance: floa
     reward = load_reward("jpeg_compressibility")
     config = EvalConfig(num_inference_steps=steps, guidance_scale=guidance, eta=eta)
     with AdapterLoaded(parts, "ddpo", None if adapter is None else str(adapter)), torch.no_grad():
-        return torch.cat([reward(images, prompts) for prompts, images in generate(parts, captions, seeds, config, "cpu")])
+        batches = generate(parts, captions, seeds, config, "cpu")
+        return torch.cat([reward(images, prompts) for prompts, images in batches])
 
 
 def main() -> None:

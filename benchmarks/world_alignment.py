@@ -35,8 +35,10 @@ def evaluate(adapter, n):
 
 def paired_gain(base: dict, tuned: dict) -> tuple[float, float]:
     """Count-accuracy gain over the base model on the same initial noise, and its standard error (paired)."""
-    right = lambda r: np.array(r["counts"]) == np.array(r["targets"])  # noqa: E731
-    diff = right(tuned).astype(float) - right(base).astype(float)
+    def right(r: dict) -> np.ndarray:
+        return (np.array(r["counts"]) == np.array(r["targets"])).astype(float)
+
+    diff = right(tuned) - right(base)
     return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
@@ -88,7 +90,8 @@ def main() -> None:
         r = results[name]
         for split in ("heldout", "train"):
             r[split]["gain_over_base"], r[split]["gain_se"] = paired_gain(results["base"][split], r[split])
-        gains = {split: f"{r[split]['gain_over_base']:+.3f} +- {r[split]['gain_se']:.3f}" for split in ("heldout", "train")}
+        gains = {split: f"{r[split]['gain_over_base']:+.3f} +- {r[split]['gain_se']:.3f}"
+                 for split in ("heldout", "train")}
         print(f"{name:>10} {r.get('images_seen', 0):>7} {r.get('train_seconds', 0):>8.0f} "
               f"{r['heldout']['count_accuracy']:>19.3f} {gains['heldout']:>20} {r['heldout']['count_mae']:>13.3f} "
               f"{r['train']['count_accuracy']:>24.3f} {gains['train']:>20} {r['heldout']['color_accuracy']:>22.3f}")

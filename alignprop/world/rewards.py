@@ -124,9 +124,9 @@ def train_count_regressor(out: str | Path, steps: int = 3000, batch_size: int = 
     """`alignprop world train-count-reward OUT`: fit the regressor on varied scenes, report held-out accuracy,
     and write OUT (weights, config.json, MANIFEST.json) atomically: OUT is replaced only once it is complete.
 
-    With `agreement_images` > 0, it also records how often its rounded count equals the exact counter's on the shipped world
-    model's own samples (`agreement_on_world_samples`): the figure that decides whether aligning to this reward
-    moves the true count, or only the reward."""
+    With `agreement_images` > 0, it also records how often its rounded count equals the exact counter's on the
+    shipped world model's own samples (`agreement_on_world_samples`): the figure that decides whether aligning to
+    this reward moves the true count, or only the reward."""
     from safetensors.torch import save_file
 
     from alignprop.world.train_model import write_manifest
