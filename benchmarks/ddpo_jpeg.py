@@ -1,12 +1,13 @@
 """Does DDPO raise `jpeg_compressibility` on fresh samples of the world model? Before/after on fixed noise.
 
-    .venv/bin/python benchmarks/ddpo_jpeg.py --set num_steps=10 --set ddpo_samples_per_step=16 \
-        --set train_batch_size=16 --set learning_rate=3e-3 --set num_inference_steps=10
+    .venv/bin/python benchmarks/ddpo_jpeg.py --set num_steps=8 --set ddpo_samples_per_step=16 \
+        --set train_batch_size=4 --set learning_rate=1e-3 --set num_inference_steps=10
 
 Trains DDPO (tiny preset, eta 1, reward jpeg_compressibility, plus your --set values), then samples up to 12 of the
 training captions (every third of `world_counts`) x --seeds from the same initial and step noise with and without the
 adapter (DDIM at the training eta: DDPO improves the stochastic policy it sampled from), and prints the mean reward of
-each and the paired gain with its standard error. A benchmark: it prints figures and asserts nothing.
+each and the paired gain with its standard error. The default 16 seeds give 192 paired images: with 48, gains of
++0.008 kB were within one standard error. A benchmark: it prints figures and asserts nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig override")
     parser.add_argument("--out", default="outputs/bench-ddpo-jpeg")
-    parser.add_argument("--seeds", default="200,201,202,203", help="evaluation noise seeds")
+    parser.add_argument("--seeds", default=",".join(str(s) for s in range(200, 216)),
+                        help="evaluation noise seeds, comma-separated")
     args = parser.parse_args()
     base = update(tiny(), {"method": "ddpo", "output_dir": args.out, "tracking": False, "overwrite": True,
                            "reward": "jpeg_compressibility", "eta": 1.0})

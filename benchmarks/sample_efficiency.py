@@ -1,0 +1,134 @@
+"""AlignProp vs DDPO sample efficiency on the world model, measured on fresh samples: how many training images (and
+seconds) each method needs to raise a reward by the amount DDPO gains over its whole budget.
+
+    .venv/bin/python benchmarks/sample_efficiency.py --reward brightness --ddpo-images 64,128,256
+
+`alignprop compare` reads this off the training curves, but a batch's reward is noisy (std 0.15 on `brightness`)
+and DDPO's gain at CPU budgets is far smaller than that, so the curves only give bounds. Here every point of both
+curves is an adapter scored on the same fixed initial and step noise as the base model (paired), so gains of a few
+thousandths are resolved.
+
+Both methods share the preset, prompts, reward, seed and sampler (`--steps` DDIM steps, eta 1, guidance 5). DDPO
+runs at the paper's settings (lr 3e-4, PPO clip 1e-4, 16 samples per step in minibatches of 4; --ddpo-set changes
+them); AlignProp at the tiny preset's (lr 1e-3, K=1) with one image per step, so its curve has one-image
+resolution. A run of N steps is the first N steps of a longer one (the noise and prompts of a step depend only on
+the seed and the step), so each point is a separate, shorter run.
+
+The level L is DDPO's gain at its largest budget. Each method's images-to-L is interpolated linearly between the
+two curve points around the first crossing, starting from (0 images, gain 0); the ratio DDPO / AlignProp of
+images (and of training-step seconds, model loading excluded) is the figure the AlignProp paper puts at about
+25x. A benchmark: it prints figures and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from alignprop import models
+from alignprop.config import parse_overrides, tiny, update
+from alignprop.ddpo import PAPER_DEFAULTS, train_ddpo
+from alignprop.evaluate import AdapterLoaded, EvalConfig, generate
+from alignprop.prompts import load_prompts
+from alignprop.rewards import load_reward
+from alignprop.train import train
+
+
+def fixed_noise_rewards(adapter, reward_name: str, captions: list[str], seeds: list[int], steps: int,
+                        guidance: float, eta: float) -> torch.Tensor:
+    parts = models.load_parts("world")
+    reward = load_reward(reward_name)
+    config = EvalConfig(num_inference_steps=steps, guidance_scale=guidance, eta=eta)
+    with AdapterLoaded(parts, "run", None if adapter is None else str(adapter)), torch.no_grad():
+        batches = generate(parts, captions, seeds, config, "cpu")
+        return torch.cat([reward(images, prompts) for prompts, images in batches])
+
+
+def images_to_reach(curve: list[dict], level: float) -> dict | None:
+    """Images and seconds at which the curve first reaches `level`, interpolated linearly from the point before
+    (the first point is (0 images, 0 s, gain 0)); None if it never does."""
+    previous = {"images": 0, "seconds": 0.0, "gain": 0.0}
+    for point in curve:
+        if point["gain"] >= level:
+            share = (level - previous["gain"]) / max(point["gain"] - previous["gain"], 1e-12)
+            return {key: previous[key] + share * (point[key] - previous[key]) for key in ("images", "seconds")}
+        previous = point
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reward", default="brightness")
+    parser.add_argument("--ddpo-images", default="64,128,256", help="DDPO budgets, comma-separated; the last sets L")
+    parser.add_argument("--alignprop-images", default="1,2,4,8,16,32",
+                        help="AlignProp budgets tried in order until one reaches L")
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps, for training and evaluation")
+    parser.add_argument("--eval-seeds", type=int, default=16, help="noise seeds per evaluation caption")
+    parser.add_argument("--ddpo-set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--alignprop-set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default="outputs/bench-efficiency")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    shared = update(tiny(), {"reward": args.reward, "eta": 1.0, "num_inference_steps": args.steps,
+                             "tracking": False, "overwrite": True})
+    ddpo = update(shared, {"method": "ddpo", **PAPER_DEFAULTS, "ddpo_samples_per_step": 16, "train_batch_size": 4})
+    ddpo = update(ddpo, parse_overrides(ddpo, args.ddpo_set))
+    alignprop = update(shared, {"train_batch_size": 1})
+    alignprop = update(alignprop, parse_overrides(alignprop, args.alignprop_set))
+    captions = load_prompts(shared.prompts)[::3]  # 12 training captions, every count and colour
+    seeds = list(range(300, 300 + args.eval_seeds))  # never drawn by training (seed 0's streams)
+
+    def score(adapter) -> torch.Tensor:
+        return fixed_noise_rewards(adapter, args.reward, captions, seeds, shared.num_inference_steps,
+                                   shared.guidance_scale, shared.eta)
+
+    base = score(None)
+
+    def point(config, images: int, per_step: int) -> dict:
+        config = update(config, {"num_steps": images // per_step,
+                                 "output_dir": str(out / f"{config.method}-{images}")}).validate()
+        adapter = (train_ddpo if config.method == "ddpo" else train)(config)
+        rows = [json.loads(line) for line in (adapter / "metrics.jsonl").read_text().splitlines()]
+        seconds = sum(row["step_time_s"] for row in rows)  # the training steps only: no model loading or saving
+        gain = score(adapter) - base
+        result = {"images": images, "seconds": seconds, "gain": float(gain.mean()),
+                  "se": float(gain.std() / len(gain) ** 0.5)}
+        print(f"{config.method:>9} {images:>6} images {seconds:>7.1f} s   "
+              f"gain {result['gain']:+.4f} +- {result['se']:.4f}", flush=True)
+        return result
+
+    curves = {"ddpo": [point(ddpo, int(n), ddpo.ddpo_samples_per_step) for n in args.ddpo_images.split(",")]}
+    level = curves["ddpo"][-1]["gain"]
+    curves["alignprop"] = []
+    for n in args.alignprop_images.split(","):
+        curves["alignprop"].append(point(alignprop, int(n), alignprop.train_batch_size))
+        if curves["alignprop"][-1]["gain"] >= level:
+            break
+    reach = {name: images_to_reach(curve, level) for name, curve in curves.items()}
+    summary = {"reward": args.reward, "base_mean": float(base.mean()), "eval_images": len(base), "level": level,
+               "level_se": curves["ddpo"][-1]["se"], "curves": curves, "to_reach_level": reach}
+    print(f"\n{args.reward}: base {base.mean():.4f} on {len(base)} fixed-noise images; L = DDPO's gain at "
+          f"{curves['ddpo'][-1]['images']} images = {level:+.4f} +- {curves['ddpo'][-1]['se']:.4f}")
+    if level <= 2 * curves["ddpo"][-1]["se"]:
+        print("DDPO's gain is within two standard errors of zero: no level to compare at; raise --ddpo-images")
+    elif reach["alignprop"] is None:
+        print("AlignProp did not reach L within its budgets; raise --alignprop-images")
+    else:
+        for key in ("images", "seconds"):
+            summary[f"ddpo_over_alignprop_{key}"] = reach["ddpo"][key] / reach["alignprop"][key]
+        print(f"to reach L: DDPO {reach['ddpo']['images']:.1f} images, {reach['ddpo']['seconds']:.1f} s; "
+              f"AlignProp {reach['alignprop']['images']:.2f} images, {reach['alignprop']['seconds']:.2f} s")
+        print(f"DDPO / AlignProp: {summary['ddpo_over_alignprop_images']:.0f}x the images, "
+              f"{summary['ddpo_over_alignprop_seconds']:.0f}x the training time (the paper: about 25x the time)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"results: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
