@@ -467,7 +467,7 @@ def cmd_compare(args):
     from pathlib import Path
 
     from alignprop.compare import CompareConfig, compare
-    from alignprop.config import TrainConfig, parse_overrides, update
+    from alignprop.config import ConfigError, TrainConfig, parse_overrides, update
 
     config = _stage_config(CompareConfig, args.config)
     values = {}
@@ -478,6 +478,16 @@ def cmd_compare(args):
     for flag, key in (("set", "train"), ("alignprop_set", "alignprop"), ("ddpo_set", "ddpo")):
         if getattr(args, flag):
             values[key] = {**getattr(config, key), **parse_overrides(TrainConfig(), getattr(args, flag))}
+    if args.curve_images:
+        curve = dict(config.curve_images)
+        for item in args.curve_images:
+            method, _, raw = item.partition("=")
+            try:
+                curve[method.strip()] = [int(n) for n in raw.split(",") if n.strip()]
+            except ValueError:
+                raise ConfigError(f"--curve-images {item!r}: expected METHOD=N,N,... with whole numbers of images, "
+                                  "e.g. --curve-images ddpo=64,128") from None
+        values["curve_images"] = curve
     evaluation = _eval_values(args)
     if args.eval_prompts:
         evaluation["prompts"] = args.eval_prompts
@@ -525,6 +535,8 @@ def _add_evaluation_parsers(sub) -> None:
     p.add_argument("--budget-images", type=int, help="images each method samples in training (default 256)")
     p.add_argument("--smoothing", type=int, help="moving-average window over training rewards, in steps (default 5)")
     p.add_argument("--eval-prompts", help="held-out prompts (default: the held-out set of the training prompts)")
+    p.add_argument("--curve-images", action="append", default=[], metavar="METHOD=N,N",
+                   help="shorter runs of METHOD (alignprop or ddpo) for fixed-noise curves, in images (repeatable)")
     eval_flags(p)
     p.add_argument("--output", help="output directory (default outputs/compare)")
     p.set_defaults(func=cmd_compare)

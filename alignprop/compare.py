@@ -10,6 +10,12 @@ held-out evaluation:
   - how many images (and seconds) each needed to reach the other's final reward (None: not within the budget);
   - the ratio DDPO / AlignProp of images (and of wall time) needed to reach the lower of the two final rewards,
     the level both reached. The AlignProp paper reports about 25x less training time than DDPO.
+
+A batch's reward is noisy, so when one method's rise is smaller than that noise (DDPO's at CPU budgets) the curves
+give only bounds. `curve_images` adds fixed-noise curves: shorter runs of each method (a run of N steps is the first
+N steps of a longer one), every one scored with the training reward on the evaluation prompts x seeds, from the same
+initial and step noise as the base model, with the training sampler. Gains are paired, so a rise of a few
+thousandths is resolved; the ratio is then read at the lower of the two final gains, interpolated between points.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ class CompareConfig:
     budget_images: int = 256  # images each method may sample during training (sets num_steps, rounded down)
     evaluation: dict = field(default_factory=dict)  # EvalConfig values (prompts, seeds, rewards, fid_reference...)
     smoothing: int = 5  # trailing moving-average window, in steps, over the training reward curves
+    # extra, shorter runs for fixed-noise curves, e.g. {"alignprop": [4, 16], "ddpo": [64]} (images; the full budget is
+    # always the last point); empty = no fixed-noise curves
+    curve_images: dict = field(default_factory=dict)
     output_dir: str = "outputs/compare"  # alignprop/, ddpo/, eval/, compare.json, compare.md
 
     def to_json(self) -> str:
@@ -73,12 +82,36 @@ def train_configs(config: CompareConfig) -> dict[str, TrainConfig]:
                               "raise the budget")
         configs[name] = update(c, {"num_steps": steps}).validate()
     validate_ddpo(configs["ddpo"])
+    curve_configs(config, configs)  # bad curve points fail before any training
     from alignprop.rewards import REWARDS, parse_mix
 
     if not all(REWARDS[name].differentiable for name, _ in parse_mix(configs["alignprop"].reward)):
         raise ConfigError(f"reward {configs['alignprop'].reward!r} is not differentiable: AlignProp cannot train on "
                           "it, so there is nothing to compare; pick a differentiable reward (alignprop rewards list)")
     return configs
+
+
+def curve_configs(config: CompareConfig, trained: dict[str, TrainConfig]) -> dict[str, list[TrainConfig]]:
+    """Each method's runs for the fixed-noise curves, shortest first, ending with its full-budget run; {} without
+    `curve_images`."""
+    if not config.curve_images:
+        return {}
+    unknown = set(config.curve_images) - set(METHODS)
+    if unknown:
+        raise ConfigError(f"curve_images names unknown method(s) {sorted(unknown)}; use {' and '.join(METHODS)}, "
+                          'e.g. {"alignprop": [4, 16], "ddpo": [64]}')
+    runs = {}
+    for name, c in trained.items():
+        per_step = c.ddpo_samples_per_step if name == "ddpo" else c.train_batch_size * c.gradient_accumulation_steps
+        points = []
+        for images in sorted(set(config.curve_images.get(name, []))):
+            if not isinstance(images, int) or images < per_step or images % per_step or images >= config.budget_images:
+                raise ConfigError(f"invalid curve_images point {images!r} for {name}: must be a multiple of its "
+                                  f"{per_step} images per step and below budget_images={config.budget_images}")
+            out = Path(config.output_dir) / "curves" / f"{name}-{images}"
+            points.append(update(c, {"num_steps": images // per_step, "output_dir": str(out)}).validate())
+        runs[name] = [*points, c]
+    return runs
 
 
 def eval_config(config: CompareConfig, trained: dict[str, TrainConfig]):
@@ -151,6 +184,69 @@ def analyse(curves: dict[str, list[dict]], window: int) -> dict:
     return summary
 
 
+def images_to_reach(curve: list[dict], level: float) -> dict | None:
+    """{images, seconds} at which a fixed-noise curve first reaches `level`, interpolated linearly from the point
+    before it (the curve starts at 0 images, 0 s, gain 0); None if it never does."""
+    previous = {"images": 0, "seconds": 0.0, "gain": 0.0}
+    for point in curve:
+        if point["gain"] >= level:
+            share = (level - previous["gain"]) / max(point["gain"] - previous["gain"], 1e-12)
+            return {key: previous[key] + share * (point[key] - previous[key]) for key in ("images", "seconds")}
+        previous = point
+    return None
+
+
+def analyse_fixed_noise(curves: dict[str, list[dict]]) -> dict:
+    """The level both reached (the lower of the two final gains) and the images and seconds each needed for it.
+    No common level when that gain is within two standard errors of zero: then one method did not measurably rise."""
+    final = {m: curves[m][-1] for m in METHODS}
+    lower = min(METHODS, key=lambda m: final[m]["gain"])
+    result = {"curves": curves, "level": final[lower]["gain"], "level_se": final[lower]["se"], "level_from": lower}
+    if final[lower]["gain"] <= 2 * final[lower]["se"]:
+        return {**result, "no_common_level": True, "alignprop": None, "ddpo": None,
+                "ddpo_over_alignprop_images": None, "ddpo_over_alignprop_seconds": None}
+    reach = {m: images_to_reach(curves[m], result["level"]) for m in METHODS}
+    return {**result, "no_common_level": False, **reach,
+            **{f"ddpo_over_alignprop_{key}": reach["ddpo"][key] / max(reach["alignprop"][key], 1e-9)
+               for key in ("images", "seconds")}}
+
+
+def fixed_noise_curves(runs: dict[str, list[TrainConfig]], evaluation) -> dict:
+    """Score every run of `runs` against the base on the same noise; return `analyse_fixed_noise`'s answer."""
+    import torch
+
+    from alignprop import models
+    from alignprop.evaluate import fixed_noise_rewards
+    from alignprop.prompts import load_prompts
+    from alignprop.rewards import load_reward
+    from alignprop.runtime import DTYPES
+
+    trained = runs["alignprop"][-1]
+    device = evaluation.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    parts = models.load_parts(evaluation.pretrained_model, evaluation.revision, device=device,
+                              dtype=DTYPES[evaluation.mixed_precision])
+    prompts = load_prompts(evaluation.prompts, tokenizer=parts.tokenizer)
+    reward = load_reward(trained.reward, device=device, weights_dir=trained.reward_weights_dir)
+    sampler = update(evaluation, {"num_inference_steps": trained.num_inference_steps,  # the training sampler
+                                  "guidance_scale": trained.guidance_scale, "eta": trained.eta})
+
+    def score(directory: str | None) -> torch.Tensor:
+        return fixed_noise_rewards(parts, directory, reward, prompts, sampler.seeds, sampler, device)
+
+    base = score(None)
+    curves = {}
+    for name, configs in runs.items():
+        curves[name] = []
+        for c in configs:
+            gain = (score(c.output_dir) - base).double()
+            metrics = [json.loads(line) for line in (Path(c.output_dir) / "metrics.jsonl").read_text().splitlines()]
+            curves[name].append({"images": metrics[-1]["images_seen"],
+                                 "seconds": sum(m["step_time_s"] for m in metrics),  # training steps only
+                                 "gain": float(gain.mean()),
+                                 "se": float(gain.std() / math.sqrt(len(gain))) if len(gain) > 1 else 0.0})
+    return {**analyse_fixed_noise(curves), "base_reward": float(base.mean()), "images_per_point": len(base)}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,8 +265,15 @@ def compare(config: CompareConfig) -> dict:
     for name, c in trained.items():
         logger.info("training %s for %d steps (%d images)", name, c.num_steps, config.budget_images)
         (train_ddpo if name == "ddpo" else train)(c)
+    runs = curve_configs(config, trained)
+    for name, configs in runs.items():
+        for c in configs[:-1]:  # the last is the full-budget run, trained above
+            logger.info("training %s for %d steps (fixed-noise curve point)", name, c.num_steps)
+            (train_ddpo if name == "ddpo" else train)(c)
     curves = {name: read_curve(Path(c.output_dir) / "metrics.jsonl") for name, c in trained.items()}
     summary = analyse(curves, config.smoothing)
+    if runs:
+        summary["fixed_noise"] = fixed_noise_curves(runs, evaluation)
     metrics = evaluate(evaluation)
     for name in METHODS:
         summary[name]["eval"] = _eval_summary(metrics["models"][name])
@@ -235,4 +338,26 @@ def markdown(summary: dict, metrics: dict) -> str:
             if bound is not None:
                 lines.append(f"- {name} / {other} {key.replace('_', ' ')} to reach {other}'s final reward: more than "
                              f"{num(bound, 3)}x (not reached within the budget).")
+    if "fixed_noise" in summary:
+        lines += ["", *fixed_noise_markdown(summary["fixed_noise"], reward)]
     return "\n".join(lines) + "\n"
+
+
+def fixed_noise_markdown(f: dict, reward: str) -> list[str]:
+    lines = [f"Fixed-noise curves: gain in `{reward}` over the base on the same {f['images_per_point']} images "
+             f"(base {f['base_reward']:.4g}), paired; seconds are training steps only.", "",
+             "| method | images | train time (s) | gain +- SE |", "| --- | --- | --- | --- |"]
+    for name in METHODS:
+        lines += [f"| {name} | {p['images']} | {p['seconds']:.3g} | {p['gain']:+.4f} +- {p['se']:.4f} |"
+                  for p in f["curves"][name]]
+    if f["no_common_level"]:
+        lines += ["", f"No common level: {f['level_from']}'s final gain ({f['level']:+.4f} +- {f['level_se']:.4f}) is "
+                  "within two standard errors of zero."]
+    else:
+        lines += ["", f"To reach {f['level']:+.4f} ({f['level_from']}'s final gain, the lower of the two; "
+                  f"interpolated): AlignProp {f['alignprop']['images']:.3g} images / "
+                  f"{f['alignprop']['seconds']:.3g} s, "
+                  f"DDPO {f['ddpo']['images']:.3g} images / {f['ddpo']['seconds']:.3g} s: DDPO needed "
+                  f"**{f['ddpo_over_alignprop_images']:.3g}x the images and {f['ddpo_over_alignprop_seconds']:.3g}x "
+                  "the training time** of AlignProp."]
+    return lines

@@ -198,6 +198,15 @@ def generate(parts: models.DiffusionParts, prompts: list[str], seeds: list[int],
         yield batch_prompts, images
 
 
+def fixed_noise_rewards(parts: models.DiffusionParts, adapter: str | Path | None, reward, prompts: list[str],
+                        seeds: list[int], config: EvalConfig, device="cpu") -> torch.Tensor:
+    """Per-image rewards over `prompts` x `seeds` (seed-major) with `adapter` applied (None: the base model), from
+    the evaluation's fixed initial and step noise, so two adapters' rewards pair image by image."""
+    with AdapterLoaded(parts, "scored", None if adapter is None else str(adapter)), torch.no_grad():
+        return torch.cat([reward(images, batch).float().cpu()
+                          for batch, images in generate(parts, prompts, seeds, config, device)])
+
+
 class AdapterLoaded:
     """Context manager: the base UNet with one LoRA adapter applied (diffusers' loader), removed again on exit."""
 

@@ -16,23 +16,12 @@ import argparse
 import json
 import time
 
-import torch
-
 from alignprop import models
 from alignprop.config import parse_overrides, tiny, update
 from alignprop.ddpo import train_ddpo
-from alignprop.evaluate import AdapterLoaded, EvalConfig, generate
+from alignprop.evaluate import EvalConfig, fixed_noise_rewards
 from alignprop.prompts import load_prompts
 from alignprop.rewards import load_reward
-
-def fixed_noise_rewards(adapter, captions: list[str], steps: int, guidance: float, eta: float, seeds) -> torch.Tensor:
-    parts = models.load_parts("world")
-    reward = load_reward("jpeg_compressibility")
-    config = EvalConfig(num_inference_steps=steps, guidance_scale=guidance, eta=eta)
-    with AdapterLoaded(parts, "ddpo", None if adapter is None else str(adapter)), torch.no_grad():
-        batches = generate(parts, captions, seeds, config, "cpu")
-        return torch.cat([reward(images, prompts) for prompts, images in batches])
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,11 +36,14 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     captions = load_prompts(config.prompts)
     captions = captions[::3] if config.prompts == "world_counts" else captions[:12]
-    before = fixed_noise_rewards(None, captions, config.num_inference_steps, config.guidance_scale, config.eta, seeds)
+    parts, reward = models.load_parts("world"), load_reward("jpeg_compressibility")
+    sampler = EvalConfig(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                         eta=config.eta)
+    before = fixed_noise_rewards(parts, None, reward, captions, seeds, sampler)
     started = time.perf_counter()
     adapter = train_ddpo(config)
     seconds = time.perf_counter() - started
-    after = fixed_noise_rewards(adapter, captions, config.num_inference_steps, config.guidance_scale, config.eta, seeds)
+    after = fixed_noise_rewards(parts, adapter, reward, captions, seeds, sampler)
     gain = after - before
     rows = [json.loads(line) for line in (adapter / "metrics.jsonl").read_text().splitlines()]
     print(f"DDPO on jpeg_compressibility: {rows[-1]['images_seen']} images sampled in {seconds:.0f} s")

@@ -30,34 +30,13 @@ from pathlib import Path
 import torch
 
 from alignprop import models
+from alignprop.compare import images_to_reach
 from alignprop.config import parse_overrides, tiny, update
 from alignprop.ddpo import PAPER_DEFAULTS, train_ddpo
-from alignprop.evaluate import AdapterLoaded, EvalConfig, generate
+from alignprop.evaluate import EvalConfig, fixed_noise_rewards
 from alignprop.prompts import load_prompts
 from alignprop.rewards import load_reward
 from alignprop.train import train
-
-
-def fixed_noise_rewards(adapter, reward_name: str, captions: list[str], seeds: list[int], steps: int,
-                        guidance: float, eta: float) -> torch.Tensor:
-    parts = models.load_parts("world")
-    reward = load_reward(reward_name)
-    config = EvalConfig(num_inference_steps=steps, guidance_scale=guidance, eta=eta)
-    with AdapterLoaded(parts, "run", None if adapter is None else str(adapter)), torch.no_grad():
-        batches = generate(parts, captions, seeds, config, "cpu")
-        return torch.cat([reward(images, prompts) for prompts, images in batches])
-
-
-def images_to_reach(curve: list[dict], level: float) -> dict | None:
-    """Images and seconds at which the curve first reaches `level`, interpolated linearly from the point before
-    (the first point is (0 images, 0 s, gain 0)); None if it never does."""
-    previous = {"images": 0, "seconds": 0.0, "gain": 0.0}
-    for point in curve:
-        if point["gain"] >= level:
-            share = (level - previous["gain"]) / max(point["gain"] - previous["gain"], 1e-12)
-            return {key: previous[key] + share * (point[key] - previous[key]) for key in ("images", "seconds")}
-        previous = point
-    return None
 
 
 def main() -> None:
@@ -83,9 +62,12 @@ def main() -> None:
     captions = load_prompts(shared.prompts)[::3]  # 12 training captions, every count and colour
     seeds = list(range(300, 300 + args.eval_seeds))  # never drawn by training (seed 0's streams)
 
+    parts, reward = models.load_parts("world"), load_reward(args.reward)
+    sampler = EvalConfig(num_inference_steps=shared.num_inference_steps, guidance_scale=shared.guidance_scale,
+                         eta=shared.eta)
+
     def score(adapter) -> torch.Tensor:
-        return fixed_noise_rewards(adapter, args.reward, captions, seeds, shared.num_inference_steps,
-                                   shared.guidance_scale, shared.eta)
+        return fixed_noise_rewards(parts, adapter, reward, captions, seeds, sampler)
 
     base = score(None)
 

@@ -17,9 +17,9 @@ import json
 import pytest
 import torch
 
-from alignprop import ddpo, models, train
+from alignprop import ddpo, evaluate, models, train
 from alignprop.config import tiny, update
-from alignprop.evaluate import AdapterLoaded, EvalConfig, generate
+from alignprop.evaluate import EvalConfig
 from alignprop.rewards import load_reward
 from alignprop.world import prompts as wp
 
@@ -31,12 +31,9 @@ def fixed_noise_rewards(adapter_dir, reward_name: str, steps: int, guidance: flo
                         seeds=EVAL_SEEDS) -> torch.Tensor:
     """Per-image rewards over EVAL_PROMPTS x seeds, from the same initial (and, with eta > 0, step) noise whatever
     the adapter (the evaluation stage's own fixed-noise generator)."""
-    parts = models.load_parts("world")
-    reward = load_reward(reward_name)
     config = EvalConfig(num_inference_steps=steps, guidance_scale=guidance, eta=eta)
-    with AdapterLoaded(parts, "trained", None if adapter_dir is None else str(adapter_dir)), torch.no_grad():
-        return torch.cat([reward(images, prompts)
-                          for prompts, images in generate(parts, EVAL_PROMPTS, list(seeds), config, "cpu")])
+    return evaluate.fixed_noise_rewards(models.load_parts("world"), adapter_dir, load_reward(reward_name),
+                                        EVAL_PROMPTS, list(seeds), config)
 
 
 @pytest.mark.slow
