@@ -75,7 +75,7 @@ def train_configs(config: CompareConfig) -> dict[str, TrainConfig]:
                                 "method": "ddpo", "output_dir": str(out / "ddpo")}),
     }
     for name, c in configs.items():
-        per_step = c.ddpo_samples_per_step if name == "ddpo" else c.train_batch_size * c.gradient_accumulation_steps
+        per_step = c.images_per_step()
         steps = config.budget_images // per_step
         if steps < 1:
             raise ConfigError(f"budget_images={config.budget_images} is less than one {name} step ({per_step} images); "
@@ -102,7 +102,7 @@ def curve_configs(config: CompareConfig, trained: dict[str, TrainConfig]) -> dic
                           'e.g. {"alignprop": [4, 16], "ddpo": [64]}')
     runs = {}
     for name, c in trained.items():
-        per_step = c.ddpo_samples_per_step if name == "ddpo" else c.train_batch_size * c.gradient_accumulation_steps
+        per_step = c.images_per_step()
         points = []
         for images in sorted(set(config.curve_images.get(name, []))):
             if not isinstance(images, int) or images < per_step or images % per_step or images >= config.budget_images:

@@ -122,6 +122,11 @@ class TrainConfig:
         return self
 
     # ------------------------------------------------------------------------------------------
+    def images_per_step(self, num_processes: int = 1) -> int:
+        """Images sampled per optimizer step over `num_processes` processes (DDPO: its samples per step)."""
+        per_micro = self.ddpo_samples_per_step if self.method == "ddpo" else self.train_batch_size
+        return num_processes * per_micro * self.gradient_accumulation_steps
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -72,9 +72,7 @@ class Run:
 
     @property
     def images_per_step(self) -> int:
-        c = self.config
-        per_micro = c.ddpo_samples_per_step if c.method == "ddpo" else c.train_batch_size
-        return self.accelerator.num_processes * per_micro * c.gradient_accumulation_steps
+        return self.config.images_per_step(self.accelerator.num_processes)
 
     # --- prompts -------------------------------------------------------------------------------------------
     def prompts_for(self, step: int, micro: int, batch_size: int | None = None) -> list[str]:

@@ -14,7 +14,8 @@ them); AlignProp at the tiny preset's (lr 1e-3, K=1) with one image per step, so
 resolution. A run of N steps is the first N steps of a longer one (the noise and prompts of a step depend only on
 the seed and the step), so each point is a separate, shorter run.
 
-The level L is DDPO's gain at its largest budget. Each method's images-to-L is interpolated linearly between the
+The level L is DDPO's gain at its largest budget (the lower of the two final gains, as in `alignprop compare`;
+AlignProp's points stop at the first one at or above it). Each method's images-to-L is interpolated linearly between the
 two curve points around the first crossing, starting from (0 images, gain 0); the ratio DDPO / AlignProp of
 images (and of training-step seconds, model loading excluded) is the figure the AlignProp paper puts at about
 25x. A benchmark: it prints figures and asserts nothing.
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from alignprop import models
-from alignprop.compare import images_to_reach
+from alignprop.compare import analyse_fixed_noise
 from alignprop.config import parse_overrides, tiny, update
 from alignprop.ddpo import PAPER_DEFAULTS, train_ddpo
 from alignprop.evaluate import EvalConfig, fixed_noise_rewards
@@ -71,8 +72,8 @@ def main() -> None:
 
     base = score(None)
 
-    def point(config, images: int, per_step: int) -> dict:
-        config = update(config, {"num_steps": images // per_step,
+    def point(config, images: int) -> dict:
+        config = update(config, {"num_steps": images // config.images_per_step(),
                                  "output_dir": str(out / f"{config.method}-{images}")}).validate()
         adapter = (train_ddpo if config.method == "ddpo" else train)(config)
         rows = [json.loads(line) for line in (adapter / "metrics.jsonl").read_text().splitlines()]
@@ -84,27 +85,21 @@ def main() -> None:
               f"gain {result['gain']:+.4f} +- {result['se']:.4f}", flush=True)
         return result
 
-    curves = {"ddpo": [point(ddpo, int(n), ddpo.ddpo_samples_per_step) for n in args.ddpo_images.split(",")]}
-    level = curves["ddpo"][-1]["gain"]
+    curves = {"ddpo": [point(ddpo, int(n)) for n in args.ddpo_images.split(",")]}
     curves["alignprop"] = []
-    for n in args.alignprop_images.split(","):
-        curves["alignprop"].append(point(alignprop, int(n), alignprop.train_batch_size))
-        if curves["alignprop"][-1]["gain"] >= level:
+    for n in args.alignprop_images.split(","):  # stop at the first point at or above DDPO's final gain
+        curves["alignprop"].append(point(alignprop, int(n)))
+        if curves["alignprop"][-1]["gain"] >= curves["ddpo"][-1]["gain"]:
             break
-    reach = {name: images_to_reach(curve, level) for name, curve in curves.items()}
-    summary = {"reward": args.reward, "base_mean": float(base.mean()), "eval_images": len(base), "level": level,
-               "level_se": curves["ddpo"][-1]["se"], "curves": curves, "to_reach_level": reach}
-    print(f"\n{args.reward}: base {base.mean():.4f} on {len(base)} fixed-noise images; L = DDPO's gain at "
-          f"{curves['ddpo'][-1]['images']} images = {level:+.4f} +- {curves['ddpo'][-1]['se']:.4f}")
-    if level <= 2 * curves["ddpo"][-1]["se"]:
-        print("DDPO's gain is within two standard errors of zero: no level to compare at; raise --ddpo-images")
-    elif reach["alignprop"] is None:
-        print("AlignProp did not reach L within its budgets; raise --alignprop-images")
+    summary = {"reward": args.reward, "base_mean": float(base.mean()), "eval_images": len(base),
+               **analyse_fixed_noise(curves)}  # the level: the lower final gain (DDPO's, once AlignProp reaches it)
+    print(f"\n{args.reward}: base {base.mean():.4f} on {len(base)} fixed-noise images; L = {summary['level_from']}'s "
+          f"final gain = {summary['level']:+.4f} +- {summary['level_se']:.4f}")
+    if summary["no_common_level"]:
+        print("that gain is within two standard errors of zero: no level to compare at; raise the budgets")
     else:
-        for key in ("images", "seconds"):
-            summary[f"ddpo_over_alignprop_{key}"] = reach["ddpo"][key] / reach["alignprop"][key]
-        print(f"to reach L: DDPO {reach['ddpo']['images']:.1f} images, {reach['ddpo']['seconds']:.1f} s; "
-              f"AlignProp {reach['alignprop']['images']:.2f} images, {reach['alignprop']['seconds']:.2f} s")
+        print(f"to reach L: DDPO {summary['ddpo']['images']:.1f} images, {summary['ddpo']['seconds']:.1f} s; "
+              f"AlignProp {summary['alignprop']['images']:.2f} images, {summary['alignprop']['seconds']:.2f} s")
         print(f"DDPO / AlignProp: {summary['ddpo_over_alignprop_images']:.0f}x the images, "
               f"{summary['ddpo_over_alignprop_seconds']:.0f}x the training time (the paper: about 25x the time)")
     out.mkdir(parents=True, exist_ok=True)

@@ -70,9 +70,7 @@ def main() -> None:
     extra = {"alignprop": parse_overrides(base, args.alignprop_set), "ddpo": parse_overrides(base, args.ddpo_set)}
     runs = {name: update(config, extra[name]) for name, config in runs.items() if name in args.methods.split(",")}
     for name, config in runs.items():  # the same budget of sampled images for both
-        per_step = (config.ddpo_samples_per_step if name == "ddpo"
-                    else config.train_batch_size * config.gradient_accumulation_steps)
-        runs[name] = update(config, {"num_steps": max(1, args.images // per_step)})
+        runs[name] = update(config, {"num_steps": max(1, args.images // config.images_per_step())})
     for name, config in runs.items():
         started = time.perf_counter()
         adapter = (train_ddpo if name == "ddpo" else train)(config.validate())
