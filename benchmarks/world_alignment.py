@@ -1,7 +1,10 @@
 """Align the shipped world model to `world_count` with AlignProp and with DDPO at the same image budget, and report
 ground-truth count accuracy (exact counter) on held-out and training captions, before and after.
 
-    .venv/bin/python benchmarks/world_alignment.py --images 640 --eval-images 128 --out outputs/bench-world
+    .venv/bin/python benchmarks/world_alignment.py --images 160 --eval-images 512 --seeds 0,1,2
+
+Each method trains once per seed on the same image budget. Gains are paired: the tuned model and the base draw every
+evaluation image from the same initial noise. The last lines pool both splits and all seeds.
 
 AlignProp runs the tiny preset with batch 4 and lr 3e-3 (over 20-30 steps these gained more count reward than the
 preset's batch 2, lr 1e-3; see tests/test_learning.py). DDPO runs at the paper's settings (eta 1, lr 3e-4, PPO clip
@@ -33,66 +36,102 @@ def evaluate(adapter, n):
             for split in ("heldout", "train")}
 
 
-def paired_gain(base: dict, tuned: dict) -> tuple[float, float]:
-    """Count-accuracy gain over the base model on the same initial noise, and its standard error (paired)."""
-    def right(r: dict) -> np.ndarray:
-        return (np.array(r["counts"]) == np.array(r["targets"])).astype(float)
+def paired_diffs(base: dict, tuned: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, on the same initial noise: the change in being counted right (-1, 0, 1) and in |count error|."""
+    targets = np.array(base["targets"])
+    base_counts, tuned_counts = np.array(base["counts"]), np.array(tuned["counts"])
+    right = (tuned_counts == targets).astype(float) - (base_counts == targets)
+    error = np.abs(tuned_counts - targets) - np.abs(base_counts - targets).astype(float)
+    return right, error
 
-    diff = right(tuned) - right(base)
+
+def mean_se(diff: np.ndarray) -> tuple[float, float]:
     return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=160, help="images sampled by each method during training")
-    parser.add_argument("--eval-images", type=int, default=64)
+    parser.add_argument("--eval-images", type=int, default=64, help="generated images per split (held-out, train)")
     parser.add_argument("--out", default="outputs/bench-world")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0",
+                        help="training seeds, comma-separated: each method trains once per seed, on the same budget")
     parser.add_argument("--alignprop-set", action="append", default=[], metavar="KEY=VALUE",
                         help="TrainConfig override for the AlignProp run, e.g. truncation=full (repeatable)")
     parser.add_argument("--ddpo-set", action="append", default=[], metavar="KEY=VALUE",
                         help="TrainConfig override for the DDPO run (repeatable)")
     parser.add_argument("--methods", default="alignprop,ddpo", help="which methods to run, comma-separated")
     args = parser.parse_args()
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds takes integers separated by commas, e.g. 0,1,2; got {args.seeds!r}")
+    unknown = set(args.methods.split(",")) - {"alignprop", "ddpo"}
+    if unknown:
+        parser.error(f"unknown method(s) {sorted(unknown)} in --methods; use alignprop and/or ddpo")
     logging.basicConfig(level=logging.INFO)
     out = Path(args.out)
     base = tiny()
-    results = {"budget_images": args.images, "eval_images": args.eval_images, "base": evaluate(None, args.eval_images)}
-
-    runs = {
-        "alignprop": update(base, {"output_dir": str(out / "alignprop"), "seed": args.seed, "tracking": False,
-                                   "overwrite": True, "train_batch_size": 4, "learning_rate": 3e-3}),
+    methods = {
+        "alignprop": update(base, {"tracking": False, "overwrite": True, "train_batch_size": 4,
+                                   "learning_rate": 3e-3, **parse_overrides(base, args.alignprop_set)}),
         # DDPO at the paper's settings (eta 1, clip 1e-4, lr 3e-4) and the same number of sampled images
-        "ddpo": update(base, {"method": "ddpo", "output_dir": str(out / "ddpo"), "seed": args.seed, "tracking": False,
-                              "overwrite": True, "eta": 1.0, "learning_rate": 3e-4, "train_batch_size": 4,
-                              "ddpo_samples_per_step": 16}),
+        "ddpo": update(base, {"method": "ddpo", "tracking": False, "overwrite": True, "eta": 1.0,
+                              "learning_rate": 3e-4, "train_batch_size": 4, "ddpo_samples_per_step": 16,
+                              **parse_overrides(base, args.ddpo_set)}),
     }
-    extra = {"alignprop": parse_overrides(base, args.alignprop_set), "ddpo": parse_overrides(base, args.ddpo_set)}
-    runs = {name: update(config, extra[name]) for name, config in runs.items() if name in args.methods.split(",")}
-    for name, config in runs.items():  # the same budget of sampled images for both
-        runs[name] = update(config, {"num_steps": max(1, args.images // config.images_per_step())})
-    for name, config in runs.items():
+    runs = {}  # run label -> (method, config); the label is the method alone when there is one seed
+    for name, config in methods.items():
+        if name not in args.methods.split(","):
+            continue
+        config = update(config, {"num_steps": max(1, args.images // config.images_per_step())}).validate()
+        for seed in seeds:  # the same budget of sampled images for every run
+            label = name if len(seeds) == 1 else f"{name}/seed{seed}"
+            runs[label] = (name, update(config, {"seed": seed, "output_dir": str(out / label)}))
+    results = {"budget_images": args.images, "eval_images": args.eval_images, "seeds": seeds,
+               "base": evaluate(None, args.eval_images)}
+    for label, (name, config) in runs.items():
         started = time.perf_counter()
         adapter = (train_ddpo if name == "ddpo" else train)(config.validate())
         seconds = time.perf_counter() - started
         rows = [json.loads(l) for l in (adapter / "metrics.jsonl").read_text().splitlines()]
-        results[name] = {"train_seconds": seconds, "images_seen": rows[-1]["images_seen"],
-                         "final_train_reward": rows[-1]["reward_mean"], "first_train_reward": rows[0]["reward_mean"],
-                         **evaluate(adapter, args.eval_images)}
+        results[label] = {"method": name, "seed": config.seed, "train_seconds": seconds,
+                          "images_seen": rows[-1]["images_seen"], "final_train_reward": rows[-1]["reward_mean"],
+                          "first_train_reward": rows[0]["reward_mean"], **evaluate(adapter, args.eval_images)}
 
-    print(f"\nworld_count alignment, {args.images} training images per method, {args.eval_images} eval images per split")
-    print(f"{'model':>10} {'images':>7} {'train s':>8} {'held-out count acc':>19} {'gain +- SE (paired)':>20} "
+    print(f"\nworld_count alignment, {args.images} training images per run, {args.eval_images} eval images per split")
+    print(f"{'model':>16} {'images':>7} {'train s':>8} {'held-out count acc':>19} {'gain +- SE (paired)':>20} "
           f"{'held-out MAE':>13} {'train-caption count acc':>24} {'gain +- SE (paired)':>20} "
           f"{'colour acc (held-out)':>22}")
-    for name in ("base", *runs):
-        r = results[name]
+    pooled = {name: {"right": [], "error": []} for name in methods}
+    for label in ("base", *runs):
+        r = results[label]
+        right, error = {}, {}
         for split in ("heldout", "train"):
-            r[split]["gain_over_base"], r[split]["gain_se"] = paired_gain(results["base"][split], r[split])
+            right[split], error[split] = paired_diffs(results["base"][split], r[split])
+            r[split]["gain_over_base"], r[split]["gain_se"] = mean_se(right[split])
+        if label in runs:
+            pooled[runs[label][0]]["right"].append(np.concatenate(list(right.values())))
+            pooled[runs[label][0]]["error"].append(np.concatenate(list(error.values())))
         gains = {split: f"{r[split]['gain_over_base']:+.3f} +- {r[split]['gain_se']:.3f}"
                  for split in ("heldout", "train")}
-        print(f"{name:>10} {r.get('images_seen', 0):>7} {r.get('train_seconds', 0):>8.0f} "
+        print(f"{label:>16} {r.get('images_seen', 0):>7} {r.get('train_seconds', 0):>8.0f} "
               f"{r['heldout']['count_accuracy']:>19.3f} {gains['heldout']:>20} {r['heldout']['count_mae']:>13.3f} "
               f"{r['train']['count_accuracy']:>24.3f} {gains['train']:>20} {r['heldout']['color_accuracy']:>22.3f}")
+
+    # Both splits and every seed together. Each image's change is averaged over the seeds first (the seeds share
+    # the base and the initial noise, so their changes on one image are not independent), then the standard error
+    # is taken over the 2 x eval-images images.
+    print(f"\nboth splits, {len(seeds)} training seed(s) ({2 * args.eval_images} paired images), change over the "
+          "base +- SE:")
+    results["both_splits"] = {}
+    for name, diffs in pooled.items():
+        if not diffs["right"]:
+            continue
+        (acc, acc_se), (mae, mae_se) = (mean_se(np.mean(diffs[k], axis=0)) for k in ("right", "error"))
+        results["both_splits"][name] = {"count_accuracy_gain": [acc, acc_se], "count_mae_change": [mae, mae_se]}
+        print(f"{name:>10}: count accuracy {acc:+.3f} +- {acc_se:.3f} ({acc / max(acc_se, 1e-12):+.1f} SE), "
+              f"count MAE {mae:+.3f} +- {mae_se:.3f} ({mae / max(mae_se, 1e-12):+.1f} SE)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"results: {out / 'results.json'}")
