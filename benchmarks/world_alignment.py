@@ -66,6 +66,8 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds takes integers separated by commas, e.g. 0,1,2; got {args.seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds repeats a seed ({args.seeds}); a repeated seed would only repeat the same run")
     unknown = set(args.methods.split(",")) - {"alignprop", "ddpo"}
     if unknown:
         parser.error(f"unknown method(s) {sorted(unknown)} in --methods; use alignprop and/or ddpo")
