@@ -41,7 +41,7 @@ def paired_diffs(base: dict, tuned: dict) -> tuple[np.ndarray, np.ndarray]:
     targets = np.array(base["targets"])
     base_counts, tuned_counts = np.array(base["counts"]), np.array(tuned["counts"])
     right = (tuned_counts == targets).astype(float) - (base_counts == targets)
-    error = np.abs(tuned_counts - targets) - np.abs(base_counts - targets).astype(float)
+    error = (np.abs(tuned_counts - targets) - np.abs(base_counts - targets)).astype(float)
     return right, error
 
 
@@ -94,7 +94,7 @@ def main() -> None:
                "base": evaluate(None, args.eval_images)}
     for label, (name, config) in runs.items():
         started = time.perf_counter()
-        adapter = (train_ddpo if name == "ddpo" else train)(config.validate())
+        adapter = (train_ddpo if name == "ddpo" else train)(config)  # validated above, before any sampling
         seconds = time.perf_counter() - started
         rows = [json.loads(l) for l in (adapter / "metrics.jsonl").read_text().splitlines()]
         results[label] = {"method": name, "seed": config.seed, "train_seconds": seconds,
