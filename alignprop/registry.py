@@ -365,11 +365,16 @@ def _init_model(client, name: str, stages: list[str] | None) -> list[str]:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise RegistryError(f"cannot create registered model {name!r}: {tracking.short_error(e)}") from e
     explicit = stages or os.environ.get(STAGES_ENV)
-    stored = client.get_registered_model(name).tags.get(STAGES_TAG)
-    if stored and not explicit:
-        return _ladder(stored)
-    ladder = _ladder(explicit)
-    client.set_registered_model_tag(name, STAGES_TAG, ",".join(ladder))
+    ladder = _ladder(explicit) if explicit else None  # checked before taking the lock
+    # Under the lock: two first registrations that both find no ladder would both insert the tag, and the
+    # server's read-then-insert lets the second fail on the tag table's unique key (seen with sqlite).
+    with _alias_lock(client, name):
+        stored = client.get_registered_model(name).tags.get(STAGES_TAG)
+        if stored and ladder is None:
+            return _ladder(stored)
+        ladder = ladder or _ladder(None)
+        if stored != ",".join(ladder):
+            client.set_registered_model_tag(name, STAGES_TAG, ",".join(ladder))
     return ladder
 
 
@@ -614,8 +619,9 @@ def format_versions(listing: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _alias_lock(client, name: str, wait_s: float = LOCK_WAIT_S, stale_s: float = LOCK_STALE_S):
-    """Mutual exclusion for alias moves: creating a registered model is atomic (its name is the primary key),
-    so `<name>.lock` exists while one process moves aliases. A lock older than `stale_s` is broken."""
+    """Mutual exclusion for alias moves and for writing the stage ladder: creating a registered model is atomic
+    (its name is the primary key), so `<name>.lock` exists while one process holds it. A lock older than
+    `stale_s` is broken."""
     from mlflow.exceptions import MlflowException
 
     lock = f"{name}{LOCK_SUFFIX}"
