@@ -231,29 +231,36 @@ def test_two_registrations_at_once_both_land(mlflow_server, adapters, tmp_path):
     assert lock == []
 
 
+def race_init_model(server, name: str, processes: int = 4) -> tuple[list, list]:
+    """`processes` threads run a new name's first registration step at once; their ladders and errors."""
+    import threading
+
+    results, errors = [], []
+
+    def init():
+        try:
+            results.append(registry._init_model(client_for(server), name, None))
+        except Exception as e:  # noqa: BLE001  (any failure fails the caller's assertion)
+            errors.append(e)
+
+    threads = [threading.Thread(target=init) for _ in range(processes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
 def test_first_registrations_racing_on_a_new_name_all_get_its_ladder(mlflow_server):
     """The stage ladder is stored on the registered model by the first registration. Without the lock, racing
     first registrations both inserted that tag and one failed on the tag table's unique key (a CI failure)."""
-    import threading
-
+    client = client_for(mlflow_server)
     for _ in range(12):  # the unlocked code failed about one round in five
-        name, results, errors = new_name(), [], []
-
-        def init():
-            try:
-                results.append(registry._init_model(client_for(mlflow_server), name, None))
-            except Exception as e:  # noqa: BLE001  (any failure fails the test below)
-                errors.append(e)
-
-        threads = [threading.Thread(target=init) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        name = new_name()
+        results, errors = race_init_model(mlflow_server, name)
         assert errors == [] and results == [list(registry.DEFAULT_STAGES)] * 4
-        model = client_for(mlflow_server).get_registered_model(name)
-        assert model.tags[registry.STAGES_TAG] == ",".join(registry.DEFAULT_STAGES)
-        assert client_for(mlflow_server).search_registered_models(f"name='{name}{registry.LOCK_SUFFIX}'") == []
+        assert client.get_registered_model(name).tags[registry.STAGES_TAG] == ",".join(registry.DEFAULT_STAGES)
+        assert client.search_registered_models(f"name='{name}{registry.LOCK_SUFFIX}'") == []
 
 
 def test_unreachable_server_fails_fast_and_register_can_be_rerun(mlflow_server, adapters, tmp_path, capsys):
