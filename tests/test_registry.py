@@ -5,6 +5,7 @@ import json
 import math
 import os
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -231,15 +232,32 @@ def test_two_registrations_at_once_both_land(mlflow_server, adapters, tmp_path):
     assert lock == []
 
 
+class TagWritesTogether:
+    """An MlflowClient whose registered-model tag writes wait at a shared barrier, so that every thread that
+    decided to write the ladder sends its write at the same moment. Under the registry lock only one thread is
+    ever there: its wait times out and it writes alone."""
+
+    def __init__(self, client, barrier):
+        self._client, self._barrier = client, barrier
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def set_registered_model_tag(self, *args, **kwargs):
+        try:
+            self._barrier.wait(timeout=0.5)
+        except threading.BrokenBarrierError:
+            pass
+        return self._client.set_registered_model_tag(*args, **kwargs)
+
+
 def race_init_model(server, name: str, processes: int = 4) -> tuple[list, list]:
     """`processes` threads run a new name's first registration step at once; their ladders and errors."""
-    import threading
-
-    results, errors = [], []
+    results, errors, barrier = [], [], threading.Barrier(processes)
 
     def init():
         try:
-            results.append(registry._init_model(client_for(server), name, None))
+            results.append(registry._init_model(TagWritesTogether(client_for(server), barrier), name, None))
         except Exception as e:  # noqa: BLE001  (any failure fails the caller's assertion)
             errors.append(e)
 
@@ -255,10 +273,10 @@ def test_first_registrations_racing_on_a_new_name_all_get_its_ladder(mlflow_serv
     """The stage ladder is stored on the registered model by the first registration. Without the lock, racing
     first registrations both inserted that tag and one failed on the tag table's unique key (a CI failure)."""
     client = client_for(mlflow_server)
-    for _ in range(12):  # the unlocked code failed about one round in five
+    for _ in range(16):  # without the lock, 5 of 6 runs of 8 rounds failed
         name = new_name()
-        results, errors = race_init_model(mlflow_server, name)
-        assert errors == [] and results == [list(registry.DEFAULT_STAGES)] * 4
+        results, errors = race_init_model(mlflow_server, name, processes=8)
+        assert errors == [] and results == [list(registry.DEFAULT_STAGES)] * 8
         assert client.get_registered_model(name).tags[registry.STAGES_TAG] == ",".join(registry.DEFAULT_STAGES)
         assert client.search_registered_models(f"name='{name}{registry.LOCK_SUFFIX}'") == []
 
