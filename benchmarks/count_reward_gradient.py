@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=3e-3, help="AdamW learning rate of the LoRA probe")
     parser.add_argument("--lora-iters", type=int, default=15)
     parser.add_argument("--probes", default="pixels,noise,lora", help="which probes to run, comma-separated")
-    parser.add_argument("--seed", type=int, default=7, help="seed of the initial noise")
+    parser.add_argument("--seed", type=int, default=7, help="seed of the initial noise and the LoRA's initialisation")
     args = parser.parse_args()
     if args.images < 1 or min(args.pixel_iters, args.noise_iters, args.lora_iters) < 0:
         parser.error("--images must be at least 1 and the iteration counts non-negative")
@@ -94,8 +94,16 @@ def main() -> None:
     report("samples", regressor, samples, targets)
 
     if "pixels" in probes:
-        print(f"\n1. gradient ascent on the pixels, {args.pixel_iters} Adam steps")
-    for lr in pixel_lrs if "pixels" in probes else []:
+        pixel_probe(args, pixel_lrs, regressor, samples, targets)
+    if "noise" in probes:
+        noise_probe(args, generate, regressor, noise, norm, samples, targets, generator, config)
+    if "lora" in probes:
+        lora_probe(args, generate, regressor, noise, targets, parts, config)
+
+
+def pixel_probe(args, pixel_lrs, regressor, samples, targets) -> None:
+    print(f"\n1. gradient ascent on the pixels, {args.pixel_iters} Adam steps")
+    for lr in pixel_lrs:
         pixels = samples.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([pixels], lr=lr)
         for _ in range(args.pixel_iters):
@@ -106,11 +114,6 @@ def main() -> None:
         changed = pixels.detach().clamp(0, 1)
         change = (changed - samples).pow(2).mean().sqrt()
         report(f"lr {lr}", regressor, changed, targets, f"rms pixel change {change:.3f}")
-
-    if "noise" in probes:
-        noise_probe(args, generate, regressor, noise, norm, samples, targets, generator, config)
-    if "lora" in probes:
-        lora_probe(args, generate, regressor, noise, targets, parts, config)
 
 
 def noise_probe(args, generate, regressor, noise, norm, samples, targets, generator, config) -> None:
@@ -143,6 +146,7 @@ def noise_probe(args, generate, regressor, noise, norm, samples, targets, genera
 def lora_probe(args, generate, regressor, noise, targets, parts, config) -> None:
     print(f"\n3. one LoRA (rank {config.lora_rank}, {', '.join(config.lora_target_modules)}) fitted to these "
           f"{args.images} samples through the full chain, AdamW lr {args.lora_lr}, {args.images} images per step")
+    torch.manual_seed(args.seed)  # LoRA's A matrices start random: the same seed, the same adapter
     params = models.add_lora(parts.unet, config.lora_rank, config.lora_alpha, config.lora_target_modules)
     optimizer = torch.optim.AdamW(params, lr=args.lora_lr, weight_decay=config.adam_weight_decay)
     fresh = [sampling.initial_latents(len(targets), parts.unet.config, parts.scheduler,
