@@ -1,4 +1,4 @@
-"""Does the gradient of `world_count` point towards the prompted count? Two probes, scored by the exact counter.
+"""Does the gradient of `world_count` point towards the prompted count? Three probes, scored by the exact counter.
 
     .venv/bin/python benchmarks/count_reward_gradient.py --images 32
 
@@ -34,6 +34,11 @@ from alignprop.world.rewards import load_count_regressor
 
 def exact_counts(images: torch.Tensor) -> np.ndarray:
     return np.array([count_objects(image) for image in images.detach().permute(0, 2, 3, 1).numpy()])
+
+
+def on_sphere(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """`x` rescaled so that each sample has the L2 norm given in `norm` ([B, 1, 1, 1])."""
+    return x * norm / x.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
 
 
 def report(label: str, regressor, images: torch.Tensor, targets: torch.Tensor, extra: str = "") -> None:
@@ -122,14 +127,14 @@ def noise_probe(args, generate, regressor, noise, norm, samples, targets, genera
     x_t = noise.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x_t], lr=args.noise_lr)
     for it in range(1, args.noise_iters + 1):
-        images = generate(x_t * norm / x_t.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+        images = generate(on_sphere(x_t, norm))
         loss = (regressor(images) - targets).abs().sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if it % 5 == 0 or it == args.noise_iters:
             with torch.no_grad():
-                images = generate(x_t * norm / x_t.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+                images = generate(on_sphere(x_t, norm))
             report(f"after {it} steps", regressor, images, targets,
                    f"rms pixel change {(images - samples).pow(2).mean().sqrt():.3f}")
     # Control: a random move of x_T as large as the optimised one, per sample. Any change of x_T reshuffles the
@@ -137,8 +142,8 @@ def noise_probe(args, generate, regressor, noise, norm, samples, targets, genera
     with torch.no_grad():
         step = (x_t - noise).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         direction = torch.randn(noise.shape, generator=generator)
-        moved = noise + direction * step / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        images = generate(moved * norm / moved.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+        moved = noise + on_sphere(direction, step)
+        images = generate(on_sphere(moved, norm))
     report("control: random move", regressor, images, targets,
            f"rms pixel change {(images - samples).pow(2).mean().sqrt():.3f}")
 
