@@ -18,7 +18,7 @@ import torch
 from alignprop import models
 from alignprop.evaluate import AdapterLoaded, EvalConfig, generate
 from alignprop.world import prompts as world_prompts
-from alignprop.world.metrics import count_objects
+from alignprop.world.metrics import count_batch
 from alignprop.world.rewards import load_count_regressor
 
 
@@ -30,7 +30,7 @@ def counts(adapter: str | None, captions: list[str], seeds: list[int]) -> tuple[
     with AdapterLoaded(parts, "adapter", adapter), torch.no_grad():
         for prompts, images in generate(parts, captions, seeds, EvalConfig(), "cpu"):
             prompted += [world_prompts.parse_caption(p)[0] for p in prompts]
-            exact += [count_objects(image) for image in images.permute(0, 2, 3, 1).numpy()]
+            exact += count_batch(images).tolist()
             predicted += regressor(images).round().long().tolist()
     return np.array(prompted), np.array(exact), np.array(predicted)
 

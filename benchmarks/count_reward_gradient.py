@@ -10,7 +10,8 @@
    exact count follows the reward here, the reward's gradient seen through the generator is sound, and what limits
    AlignProp is turning many such per-sample gradients into one shared LoRA update. A control moves each x_T as
    far in a random direction.
-3. One LoRA. Fit a single LoRA adapter (the tiny preset's) to those same samples through the full chain, the
+3. One LoRA. Fit a single LoRA adapter (the tiny preset's, or another shape with `--set lora_rank=8`,
+   `--set lora_target_modules=...`) to those same samples through the full chain, the
    initial noise fixed, and score it on them and on three fresh draws of noise for the same captions: how much of
    what the per-sample probe reaches one shared update can reach, and whether it carries over to new noise.
 
@@ -26,14 +27,10 @@ import numpy as np
 import torch
 
 from alignprop import models, sampling
-from alignprop.config import tiny
+from alignprop.config import ConfigError, parse_overrides, tiny, update
 from alignprop.world import prompts as world_prompts
-from alignprop.world.metrics import count_objects
+from alignprop.world.metrics import count_batch
 from alignprop.world.rewards import load_count_regressor
-
-
-def exact_counts(images: torch.Tensor) -> np.ndarray:
-    return np.array([count_objects(image) for image in images.detach().permute(0, 2, 3, 1).numpy()])
 
 
 def on_sphere(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -44,7 +41,7 @@ def on_sphere(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
 def report(label: str, regressor, images: torch.Tensor, targets: torch.Tensor, extra: str = "") -> None:
     with torch.no_grad():
         predicted = regressor(images).round()
-    exact = exact_counts(images)
+    exact = count_batch(images)
     print(f"{label:>28}  regressor acc {(predicted == targets).float().mean():.3f}  exact acc "
           f"{np.mean(exact == targets.numpy()):.3f}  agree {np.mean(exact == predicted.numpy()):.3f}  {extra}",
           flush=True)
@@ -62,6 +59,8 @@ def main() -> None:
     parser.add_argument("--lora-iters", type=int, default=15)
     parser.add_argument("--probes", default="pixels,noise,lora", help="which probes to run, comma-separated")
     parser.add_argument("--seed", type=int, default=7, help="seed of the initial noise and the LoRA's initialisation")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="tiny-preset override, e.g. lora_rank=8 (repeatable; the sampler keys change every probe)")
     args = parser.parse_args()
     if args.images < 1 or min(args.pixel_iters, args.noise_iters, args.lora_iters) < 0:
         parser.error("--images must be at least 1 and the iteration counts non-negative")
@@ -74,7 +73,11 @@ def main() -> None:
     except ValueError:
         parser.error(f"--pixel-lrs takes numbers separated by commas, e.g. 0.003,0.01; got {args.pixel_lrs!r}")
 
-    config = tiny()  # the sampler AlignProp trains with: DDIM steps, guidance, eta
+    try:  # the sampler AlignProp trains with (DDIM steps, guidance, eta) and the LoRA's shape
+        config = tiny()
+        config = update(config, parse_overrides(config, args.overrides)).validate()
+    except ConfigError as e:
+        parser.error(str(e))
     parts = models.load_parts(config.pretrained_model)
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.requires_grad_(False)
@@ -159,8 +162,8 @@ def lora_probe(args, generate, regressor, noise, targets, parts, config) -> None
 
     def score(it: int) -> None:
         with torch.no_grad():
-            fixed = np.mean(exact_counts(generate(noise)) == targets.numpy())
-            new = np.mean([np.mean(exact_counts(generate(x)) == targets.numpy()) for x in fresh])
+            fixed = np.mean(count_batch(generate(noise)) == targets.numpy())
+            new = np.mean([np.mean(count_batch(generate(x)) == targets.numpy()) for x in fresh])
         print(f"{f'after {it} steps':>28}  exact acc on these samples {fixed:.3f}  on fresh noise {new:.3f} "
               f"({3 * len(targets)} images)", flush=True)
 

@@ -8,7 +8,7 @@ import torch
 
 from alignprop.rewards import load_reward
 from alignprop.world import prompts as wp
-from alignprop.world.metrics import classify_color, count_objects, world_metrics
+from alignprop.world.metrics import classify_color, count_batch, count_objects, world_metrics
 from alignprop.world.render import IMAGE_SIZE, render, render_dataset
 
 
@@ -118,6 +118,8 @@ def test_varied_scenes_are_deterministic_and_labelled_by_the_exact_counter():
     assert torch.equal(images, again) and torch.equal(counts, counts_again)
     assert images.shape == (40, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert counts.tolist() == [count_objects(i) for i in images.permute(0, 2, 3, 1).numpy()]
+    assert count_batch(images).tolist() == counts.tolist()  # a [B, 3, H, W] tensor
+    assert count_batch(images.permute(0, 2, 3, 1).numpy()).tolist() == counts.tolist()  # a [B, H, W, 3] array
     assert len(set(counts.tolist())) >= 5  # 0 to 6 objects, not only the prompts' 1-4
 
 

@@ -54,6 +54,11 @@ def _to_numpy(images) -> np.ndarray:
     return np.asarray(images, dtype=np.float32)
 
 
+def count_batch(images) -> np.ndarray:
+    """Object counts [B] of a batch: Tensor [B, 3, H, W] or array [B, H, W, 3], values in [0, 1]."""
+    return np.array([count_objects(image) for image in _to_numpy(images)], dtype=np.int64)
+
+
 def world_metrics(images, prompts: list[str]) -> dict:
     """Count accuracy, colour accuracy and mean absolute count error, overall and per prompt.
 
@@ -61,11 +66,9 @@ def world_metrics(images, prompts: list[str]) -> dict:
     """
     images = _to_numpy(images)
     per_prompt = defaultdict(lambda: {"n": 0, "count_correct": 0, "color_correct": 0, "abs_error": 0.0})
-    counts = []
-    for image, prompt in zip(images, prompts):
+    counts = count_batch(images).tolist()
+    for image, prompt, n in zip(images, prompts, counts):
         target, color, _ = parse_caption(prompt)
-        n = count_objects(image)
-        counts.append(n)
         row = per_prompt[prompt]
         row["n"] += 1
         row["count_correct"] += int(n == target)

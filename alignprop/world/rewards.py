@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from alignprop.errors import UserError
-from alignprop.world.metrics import count_objects
+from alignprop.world.metrics import count_batch, count_objects
 from alignprop.world.prompts import COLORS, SHAPES, parse_caption
 from alignprop.world.render import IMAGE_SIZE, PALETTE, render_dataset, shape_mask
 
@@ -188,7 +188,7 @@ def agreement_on_world_samples(model: CountRegressor, num_images: int = 96,
     result = {}
     for split, heldout in (("world_samples_train", False), ("world_samples_heldout", True)):
         images, _ = sample_world(model_dir or WORLD_MODEL_DIR, num_images, heldout=heldout)
-        exact = torch.tensor([count_objects(image) for image in images.permute(0, 2, 3, 1).numpy()])
+        exact = torch.from_numpy(count_batch(images))
         with torch.no_grad():
             predicted = model(images).round().long()
         result[split] = {"agreement_with_exact_counter": float((predicted == exact).float().mean()),
