@@ -10,10 +10,10 @@
    exact count follows the reward here, the reward's gradient seen through the generator is sound, and what limits
    AlignProp is turning many such per-sample gradients into one shared LoRA update. A control moves each x_T as
    far in a random direction.
-3. One LoRA. Fit a single LoRA adapter (the tiny preset's, or another shape with `--set lora_rank=8`,
-   `--set lora_target_modules=...`) to those same samples through the full chain, the
-   initial noise fixed, and score it on them and on three fresh draws of noise for the same captions: how much of
-   what the per-sample probe reaches one shared update can reach, and whether it carries over to new noise.
+3. One LoRA. Fit a single LoRA adapter (the tiny preset's, or another shape with `--set lora_rank=8` and
+   `--set lora_target_modules=...`) to those same samples through the full chain, the initial noise fixed, and
+   score it on them and on three fresh draws of noise for the same captions: how much of what the per-sample probe
+   reaches one shared update can reach, and whether it carries over to new noise.
 
 Prints accuracy by the regressor (its prediction rounded) and by the exact counter, their agreement and the size
 of the change. A benchmark: it prints figures and asserts nothing.
