@@ -3,8 +3,9 @@ ground-truth count accuracy (exact counter) on held-out and training captions, b
 
     .venv/bin/python benchmarks/world_alignment.py --images 160 --eval-images 512 --seeds 0,1,2
 
-Each method trains once per seed on the same image budget. Gains are paired: the tuned model and the base draw every
-evaluation image from the same initial noise. The last lines pool both splits and all seeds.
+Each method trains once per seed on the same image budget, on the shipped world model or another one (--model). Gains
+are paired: the tuned model and the base draw every evaluation image from the same initial noise. The last lines pool
+both splits and all seeds.
 
 AlignProp runs the tiny preset with batch 4 and lr 3e-3 (over 20-30 steps these gained more count reward than the
 preset's batch 2, lr 1e-3; see tests/test_learning.py). DDPO runs at the paper's settings (eta 1, lr 3e-4, PPO clip
@@ -30,8 +31,8 @@ from alignprop.train import train
 from alignprop.world.train_model import evaluate_model
 
 
-def evaluate(adapter, n):
-    model = resolve_model_dir("world")
+def evaluate(model_ref, adapter, n):
+    model = resolve_model_dir(model_ref)
     return {split: evaluate_model(model, n, heldout=(split == "heldout"), adapter=adapter, per_image=True)
             for split in ("heldout", "train")}
 
@@ -61,6 +62,9 @@ def main() -> None:
     parser.add_argument("--ddpo-set", action="append", default=[], metavar="KEY=VALUE",
                         help="TrainConfig override for the DDPO run (repeatable)")
     parser.add_argument("--methods", default="alignprop,ddpo", help="which methods to run, comma-separated")
+    parser.add_argument("--model", default="world",
+                        help="the world model to align and score: 'world' (the shipped one) or a diffusers directory, "
+                             "e.g. one from `alignprop world train-model` or benchmarks/world_count_ceiling.py --save")
     args = parser.parse_args()
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -71,9 +75,12 @@ def main() -> None:
     unknown = set(args.methods.split(",")) - {"alignprop", "ddpo"}
     if unknown:
         parser.error(f"unknown method(s) {sorted(unknown)} in --methods; use alignprop and/or ddpo")
+    if args.model != "world" and not (Path(args.model) / "model_index.json").is_file():
+        parser.error(f"--model {args.model!r} is not a diffusers model directory (no model_index.json); pass 'world' "
+                     "for the shipped world model or the directory `alignprop world train-model` wrote")
     logging.basicConfig(level=logging.INFO)
     out = Path(args.out)
-    base = tiny()
+    base = update(tiny(), {"pretrained_model": args.model})
     methods = {
         "alignprop": update(base, {"tracking": False, "overwrite": True, "train_batch_size": 4,
                                    "learning_rate": 3e-3, **parse_overrides(base, args.alignprop_set)}),
@@ -91,7 +98,7 @@ def main() -> None:
             label = name if len(seeds) == 1 else f"{name}/seed{seed}"
             runs[label] = (name, update(config, {"seed": seed, "output_dir": str(out / label)}))
     results = {"budget_images": args.images, "eval_images": args.eval_images, "seeds": seeds,
-               "base": evaluate(None, args.eval_images)}
+               "model": args.model, "base": evaluate(args.model, None, args.eval_images)}
     for label, (name, config) in runs.items():
         started = time.perf_counter()
         adapter = (train_ddpo if name == "ddpo" else train)(config)  # validated above, before any sampling
@@ -99,7 +106,8 @@ def main() -> None:
         rows = [json.loads(l) for l in (adapter / "metrics.jsonl").read_text().splitlines()]
         results[label] = {"method": name, "seed": config.seed, "train_seconds": seconds,
                           "images_seen": rows[-1]["images_seen"], "final_train_reward": rows[-1]["reward_mean"],
-                          "first_train_reward": rows[0]["reward_mean"], **evaluate(adapter, args.eval_images)}
+                          "first_train_reward": rows[0]["reward_mean"],
+                          **evaluate(args.model, adapter, args.eval_images)}
 
     print(f"\nworld_count alignment, {args.images} training images per run, {args.eval_images} eval images per split")
     print(f"{'model':>16} {'images':>7} {'train s':>8} {'held-out count acc':>19} {'gain +- SE (paired)':>20} "
