@@ -8,8 +8,8 @@ with the diffusion loss it was trained with, on fresh renders whose captions are
 exact count accuracy on held-out and training captions, paired with the base model on the same initial noise.
 
 --undercount P captions a scene of n >= 2 objects as n - 1 with probability P, so the copy learns to overcount: a model
-with a systematic count bias, to see whether alignment corrects one (--save keeps the copies, e.g. to align them with
-`--set pretrained_model=DIR`). A benchmark: it prints figures and asserts nothing.
+with a systematic count bias, to see whether alignment corrects one. --save keeps the copies in --out/steps-N, e.g. to
+align one with `benchmarks/world_alignment.py --model DIR`. A benchmark: it prints figures and asserts nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,8 +112,9 @@ def main() -> None:
     for s in splits:
         print(f"{0:>6} {0:>7} {0:>9} {s:>8} {base[s]['count_accuracy']:>10.3f} {'':>16} {'':>6} {'':>7} "
               f"{base[s]['color_accuracy']:>11.3f}")
+    scratch = tempfile.TemporaryDirectory(prefix="world-ceiling-")  # unsaved copies: never over a saved one
     for n in steps:
-        model = out / f"steps-{n}"
+        model = (out if args.save else Path(scratch.name)) / f"steps-{n}"
         seconds = fine_tune(images, captions, n, model)
         run = {"steps": n, "images": n * WorldModelConfig().batch_size, "train_seconds": round(seconds)}
         for s, h in splits.items():
@@ -123,8 +124,7 @@ def main() -> None:
                   f"{r['gain']:>+8.3f} +- {r['se']:.3f} {r['fixed']:>6} {r['broken']:>7} {r['color_accuracy']:>11.3f}",
                   flush=True)
         results["runs"].append(run)
-        if not args.save:
-            shutil.rmtree(model)
+    scratch.cleanup()
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out / 'results.json'}")
 
