@@ -27,7 +27,8 @@ import torch
 from alignprop.models import resolve_model_dir
 from alignprop.world import prompts as world_prompts
 from alignprop.world.render import render_dataset
-from alignprop.world.train_model import WorldModelConfig, evaluate_model, train_denoiser
+from alignprop.world.train_model import WorldModelConfig, evaluate_model, latent_distribution, train_denoiser
+from world_alignment import mean_se, paired_diffs  # this directory is on sys.path when the script runs
 
 SEED = 7
 RENDERS = 8000
@@ -47,20 +48,19 @@ def renders(undercount: float) -> tuple[torch.Tensor, list[str], int]:
     return torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1, captions, changed
 
 
-def fine_tune(images: torch.Tensor, captions: list[str], steps: int, out: Path) -> float:
-    """Continue the shipped model's denoiser training for `steps` steps; save the copy to `out`; return seconds."""
+def load_world():
     from diffusers import StableDiffusionPipeline
 
+    return StableDiffusionPipeline.from_pretrained(resolve_model_dir("world"))
+
+
+def fine_tune(latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], steps: int, out: Path) -> float:
+    """Continue the shipped model's denoiser training for `steps` steps; save the copy to `out`; return seconds."""
     torch.manual_seed(SEED)
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_model_dir("world"))
-    scaling = pipe.vae.config.scaling_factor
-    with torch.no_grad():
-        dists = [pipe.vae.encode(images[i:i + 512]).latent_dist for i in range(0, len(images), 512)]
-        mean = torch.cat([d.mean for d in dists]) * scaling
-        std = torch.cat([d.std for d in dists]) * scaling
+    pipe = load_world()  # a fresh copy for each run
     config = dataclasses.replace(WorldModelConfig(), unet_steps=steps, unet_lr=3e-4, seed=SEED)
     started = time.perf_counter()
-    train_denoiser(pipe.unet, pipe.text_encoder, pipe.tokenizer, (mean, std), captions, config,
+    train_denoiser(pipe.unet, pipe.text_encoder, pipe.tokenizer, latents, captions, config,
                    np.random.default_rng(SEED))
     seconds = time.perf_counter() - started
     pipe.save_pretrained(out)
@@ -69,10 +69,9 @@ def fine_tune(images: torch.Tensor, captions: list[str], steps: int, out: Path) 
 
 def paired(base: dict, tuned: dict) -> dict:
     targets, before, after = (np.array(x) for x in (base["targets"], base["counts"], tuned["counts"]))
-    diff = (after == targets).astype(float) - (before == targets)
+    gain, se = mean_se(paired_diffs(base, tuned)[0])
     per_count = {int(k): round(float(np.mean(after[targets == k] == k)), 3) for k in sorted(set(targets.tolist()))}
-    return {"count_accuracy": tuned["count_accuracy"], "gain": float(diff.mean()),
-            "se": float(diff.std(ddof=1) / np.sqrt(len(diff))), "count_mae": tuned["count_mae"],
+    return {"count_accuracy": tuned["count_accuracy"], "gain": gain, "se": se, "count_mae": tuned["count_mae"],
             "color_accuracy": tuned["color_accuracy"], "fixed": int(((after == targets) & (before != targets)).sum()),
             "broken": int(((after != targets) & (before == targets)).sum()), "count_accuracy_by_count": per_count}
 
@@ -101,6 +100,7 @@ def main() -> None:
 
     images, captions, changed = renders(args.undercount)
     print(f"{RENDERS} renders, {changed} captions undercounted")
+    latents = latent_distribution(load_world().vae, images)  # once: the VAE is frozen, every copy shares it
     splits = {"heldout": True, "train": False}
     base = {s: evaluate_model(resolve_model_dir("world"), args.eval_images, heldout=h, per_image=True)
             for s, h in splits.items()}
@@ -115,7 +115,7 @@ def main() -> None:
     scratch = tempfile.TemporaryDirectory(prefix="world-ceiling-")  # unsaved copies: never over a saved one
     for n in steps:
         model = (out if args.save else Path(scratch.name)) / f"steps-{n}"
-        seconds = fine_tune(images, captions, n, model)
+        seconds = fine_tune(latents, captions, n, model)
         run = {"steps": n, "images": n * WorldModelConfig().batch_size, "train_seconds": round(seconds)}
         for s, h in splits.items():
             run[s] = paired(base[s], evaluate_model(model, args.eval_images, heldout=h, per_image=True))

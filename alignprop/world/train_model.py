@@ -97,6 +97,15 @@ def train_vae(vae, images: torch.Tensor, config: WorldModelConfig, rng) -> float
     return float(1.0 / latents.std())
 
 
+def latent_distribution(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std for images in [-1, 1], scaled by `vae.config.scaling_factor` (the latents
+    the denoiser is trained on)."""
+    scaling = vae.config.scaling_factor
+    with torch.no_grad():
+        dists = [vae.encode(images[i:i + 512]).latent_dist for i in range(0, len(images), 512)]
+        return torch.cat([d.mean for d in dists]) * scaling, torch.cat([d.std for d in dists]) * scaling
+
+
 def train_denoiser(unet, text_encoder, tokenizer, latents_dist, captions, config: WorldModelConfig, rng):
     from diffusers import DDPMScheduler
 
@@ -200,11 +209,7 @@ def train_world_model(out: str | Path, config: WorldModelConfig | None = None, c
     scaling = train_vae(vae, images, config, rng)
     vae.register_to_config(scaling_factor=scaling)
     vae.requires_grad_(False)
-    with torch.no_grad():
-        dists = [vae.encode(images[i:i + 512]).latent_dist for i in range(0, len(images), 512)]
-        mean = torch.cat([d.mean for d in dists]) * scaling
-        std = torch.cat([d.std for d in dists]) * scaling
-    train_denoiser(unet, text_encoder, tokenizer, (mean, std), captions, config, rng)
+    train_denoiser(unet, text_encoder, tokenizer, latent_distribution(vae, images), captions, config, rng)
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
