@@ -52,6 +52,7 @@ class TrainConfig:
     lora_rank: int = 4  # LoRA rank r
     lora_alpha: float = 4.0  # LoRA alpha; the update is scaled by alpha / r
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    adapter_min_timestep: int = 0  # LoRA acts only on steps with timestep >= this (0: all); lower ones run the base
     # --- optimisation --------------------------------------------------------------------------
     learning_rate: float = 1e-3  # AdamW learning rate
     adam_beta1: float = 0.9  # AdamW beta1
@@ -105,6 +106,8 @@ class TrainConfig:
             bad("eta", "must lie in [0, 1]", "use 0 for deterministic DDIM")
         if self.checkpoint_every < 0:
             bad("checkpoint_every", "must be >= 0", "use 0 to disable checkpoints")
+        if self.adapter_min_timestep < 0:
+            bad("adapter_min_timestep", "must be >= 0", "use 0 to apply the LoRA on every denoising step")
         if not 0.0 < self.ddpo_timestep_fraction <= 1.0:
             bad("ddpo_timestep_fraction", "must lie in (0, 1]", "e.g. --set ddpo_timestep_fraction=1.0")
         steps = self.num_inference_steps

@@ -212,7 +212,7 @@ class AdapterLoaded:
 
     def __init__(self, parts: models.DiffusionParts, name: str, directory: str | None):
         self.parts, self.name, self.directory = parts, name, directory
-        self.loaded = False
+        self.loaded, self.gate = False, None
 
     def __enter__(self):
         if self.directory is None:
@@ -225,10 +225,14 @@ class AdapterLoaded:
             raise AdapterError(f"adapter {self.name!r} ({self.directory}) could not be loaded into the base model: "
                                f"{str(e).splitlines()[0]}") from None
         self.loaded = True
+        # trained with a timestep gate: apply it on the same steps
+        self.gate = models.gate_lora(self.parts.unet, models.adapter_min_timestep(self.directory))
         return self
 
     def __exit__(self, *exc):
         if self.loaded:
+            if self.gate is not None:
+                self.gate.remove()
             self.parts.unet.unload_lora()
         return False
 

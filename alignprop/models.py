@@ -121,6 +121,66 @@ def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float = 4.0,
     return params
 
 
+class LoraTimestepGate:
+    """Apply the UNet's LoRA only on denoising steps whose timestep is >= `min_timestep`, the high-noise steps that
+    lay out the image; steps below it run the base model. (The world model's object count is settled in the first
+    third of its DDIM chain: benchmarks/count_timeline.py.)
+
+    Forward hooks on the UNet set the scale of every LoRA layer to 0 for a call below the gate and restore it after,
+    so our sampler, diffusers' pipelines and the recomputation of a checkpointed step all see the same gate, and
+    the LoRA's parameters are left untouched (no requires_grad toggling). A fused LoRA (`fuse_lora`) cannot be
+    gated: keep it unfused. `remove()` takes the hooks off again."""
+
+    def __init__(self, unet: torch.nn.Module, min_timestep: int):
+        from peft.tuners.lora import LoraLayer
+
+        self.min_timestep = min_timestep
+        self.layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+        if not self.layers:
+            raise ModelError("adapter_min_timestep is set but the UNet has no LoRA layer to gate")
+        self._saved: list[list[dict]] = []
+        self._handles = [unet.register_forward_pre_hook(self._before, with_kwargs=True),
+                         unet.register_forward_hook(self._after, always_call=True)]
+
+    def _before(self, module, args, kwargs):
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        below = torch.as_tensor(timestep) < self.min_timestep
+        if below.any() and not below.all():
+            raise ValueError(f"one UNet call mixes timesteps on both sides of adapter_min_timestep="
+                             f"{self.min_timestep}; call it once per timestep")
+        self._saved.append([dict(layer.scaling) for layer in self.layers] if below.all() else [])
+        for layer, scaling in zip(self.layers, self._saved[-1]):
+            layer.scaling.update(dict.fromkeys(scaling, 0.0))
+
+    def _after(self, module, args, output):
+        for layer, scaling in zip(self.layers, self._saved.pop() if self._saved else []):
+            layer.scaling.update(scaling)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def gate_lora(unet: torch.nn.Module, min_timestep: int) -> LoraTimestepGate | None:
+    """`LoraTimestepGate(unet, min_timestep)`, or None when `min_timestep` is 0 (the LoRA acts on every step)."""
+    return LoraTimestepGate(unet, min_timestep) if min_timestep > 0 else None
+
+
+def adapter_min_timestep(directory: str | Path) -> int:
+    """The gate an adapter was trained with: `adapter_min_timestep` of the training config.json beside its weights
+    (0, every step, when there is none or it predates the setting)."""
+    import json
+
+    config = Path(directory) / "config.json"
+    if not config.is_file():
+        return 0
+    try:
+        return int(json.loads(config.read_text()).get("adapter_min_timestep", 0) or 0)
+    except (ValueError, AttributeError) as e:
+        raise ModelError(f"cannot read the adapter's training config {config}: {e}; restore it from the run's "
+                         "output directory") from None
+
+
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The UNet's LoRA weights in diffusers' key format (what `load_lora_weights` reads)."""
     from diffusers.utils import convert_state_dict_to_diffusers

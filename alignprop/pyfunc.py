@@ -7,7 +7,8 @@ Image i is drawn from its own generator seeded with `seed + i` (DDIM, eta and gu
 overridable per call), so a prompt's image does not depend on the rest of the batch, and a given (prompt, seed)
 always gives the same image. The pipeline is diffusers' StableDiffusionPipeline with the DDIM scheduler and the
 LoRA loaded by `load_lora_weights` and fused into the weights (same images as the unfused adapter to ~1e-6,
-without its per-layer overhead).
+without its per-layer overhead); an adapter trained with `adapter_min_timestep` stays unfused and is gated to the
+steps it was trained on.
 
 Artifacts of the model: `adapter` (pytorch_lora_weights.safetensors), `train_config` (config.json), and either
 `base_model` (the base pipeline directory itself, when it is small enough to embed: the version is then
@@ -48,7 +49,13 @@ class AlignPropModel(mlflow.pyfunc.PythonModel):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler training used
         adapter = context.artifacts["adapter"]
         pipe.load_lora_weights(os.path.dirname(adapter), weight_name=os.path.basename(adapter))
-        pipe.fuse_lora()  # merge W + BA once: serving then costs what the base model costs
+        min_timestep = int(config.get("adapter_min_timestep") or 0)
+        if min_timestep:  # trained with a timestep gate: it needs the LoRA unfused, to switch it off per step
+            from alignprop.models import gate_lora
+
+            gate_lora(pipe.unet, min_timestep)
+        else:
+            pipe.fuse_lora()  # merge W + BA once: serving then costs what the base model costs
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         self.defaults = {k: config[k] for k in PREDICT_OPTIONS if config.get(k) is not None}

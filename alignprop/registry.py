@@ -288,7 +288,8 @@ def _log_pyfunc(client, run_id, artifact_path, adapter, config_file, base_ref, b
 
     from alignprop import pyfunc
 
-    model_config = {"base_model": base_ref, **{k: config[k] for k in ("num_inference_steps", "guidance_scale", "eta")
+    model_config = {"base_model": base_ref, **{k: config[k] for k in ("num_inference_steps", "guidance_scale", "eta",
+                                                                      "adapter_min_timestep")
                                                if config.get(k) is not None}}
     artifacts = {"adapter": str(adapter), **base_artifacts}
     if config_file.is_file():

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from alignprop import models, tracking
-from alignprop.config import TrainConfig
+from alignprop.config import ConfigError, TrainConfig
 from alignprop.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -295,12 +295,14 @@ def setup_run(config: TrainConfig, checkpointed: list = ()) -> Run:
     torch.manual_seed(config.seed)
     parts = models.load_parts(config.pretrained_model, config.revision, device=accelerator.device,
                               dtype=DTYPES[config.mixed_precision])
+    check_adapter_gate(config, parts.scheduler)
     prompts = load_prompts(config.prompts, tokenizer=parts.tokenizer)
     if config.resolution is not None and config.resolution != parts.resolution:
         raise UserError(f"resolution={config.resolution} differs from the model's native {parts.resolution}; "
                         "omit it or set it to the native size")
     reward = load_reward(config.reward, device=accelerator.device, weights_dir=config.reward_weights_dir)
     lora_params = models.add_lora(parts.unet, config.lora_rank, config.lora_alpha, config.lora_target_modules)
+    models.gate_lora(parts.unet, config.adapter_min_timestep)
     optimizer = torch.optim.AdamW(lora_params, lr=config.learning_rate,
                                   betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
@@ -319,6 +321,28 @@ def setup_run(config: TrainConfig, checkpointed: list = ()) -> Run:
     if config.resume:
         run.resume()
     return run
+
+
+def check_adapter_gate(config: TrainConfig, scheduler) -> None:
+    """A gated LoRA (adapter_min_timestep > 0) must act on some denoising step and, for AlignProp, on a step whose
+    graph is kept, or it would never receive a gradient."""
+    if not config.adapter_min_timestep:
+        return
+    scheduler.set_timesteps(config.num_inference_steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    steps = len(timesteps)
+    active = sum(t >= config.adapter_min_timestep for t in timesteps)
+    if not active:
+        raise ConfigError(f"invalid adapter_min_timestep={config.adapter_min_timestep}: above every timestep of the "
+                          f"{steps} DDIM steps (the first is {timesteps[0]}), so the LoRA would act on no step; "
+                          f"set it at most {timesteps[0]}")
+    if config.method == "alignprop":
+        most_k = {"fixed": config.truncation_k, "uniform": config.truncation_max}.get(config.truncation, steps)
+        if steps - most_k >= active:
+            raise ConfigError(
+                f"invalid adapter_min_timestep={config.adapter_min_timestep}: the LoRA acts on the first {active} of "
+                f"{steps} steps only, but truncation={config.truncation} keeps the graph of the last {most_k} at most, "
+                f"so the LoRA would get no gradient; use --set truncation=full or a K above {steps - active}")
 
 
 def _configure_deepspeed_batch(accelerator, config: TrainConfig) -> None:

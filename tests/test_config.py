@@ -46,3 +46,31 @@ def test_missing_or_bad_config_file(tmp_path):
         load_config("tiny", str(bad))
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("huge")
+
+
+@pytest.mark.parametrize("pairs,message", [
+    (["adapter_min_timestep=-1"], "must be >= 0"),
+    (["adapter_min_timestep=990"], "above every timestep of the 20 DDIM steps \\(the first is 951\\)"),
+    (["adapter_min_timestep=600"], "acts on the first 8 of 20 steps only, but truncation=fixed keeps the graph of "
+                                   "the last 1 at most"),
+    (["adapter_min_timestep=600", "truncation=uniform", "truncation_max=12"], "use --set truncation=full or a K above 12"),
+])
+def test_a_gate_that_leaves_the_lora_no_step_or_no_gradient_is_refused(pairs, message):
+    from diffusers import DDIMScheduler
+
+    from alignprop.models import SD_SCHEDULER_CONFIG
+    from alignprop.runtime import check_adapter_gate
+
+    with pytest.raises(ConfigError, match=message):
+        check_adapter_gate(load_config("tiny", None, pairs), DDIMScheduler(**SD_SCHEDULER_CONFIG))
+
+
+def test_a_gate_the_full_chain_reaches_is_accepted():
+    from diffusers import DDIMScheduler
+
+    from alignprop.models import SD_SCHEDULER_CONFIG
+    from alignprop.runtime import check_adapter_gate
+
+    for pairs in (["adapter_min_timestep=600", "truncation=full"],
+                  ["adapter_min_timestep=600", "truncation=uniform", "truncation_max=13"], []):
+        check_adapter_gate(load_config("tiny", None, pairs), DDIMScheduler(**SD_SCHEDULER_CONFIG))

@@ -4,6 +4,7 @@ concurrent registrations and failures."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -145,6 +146,15 @@ def test_production_version_generates_the_adapters_images(mlflow_server, adapter
     torch.testing.assert_close(torch.from_numpy(shifted[0]), torch.from_numpy(images[1]), atol=1e-6, rtol=0)
     tags = client_for(mlflow_server).get_model_version(name, version).tags
     assert tags["base_model.embedded"] == "true"
+
+    # An adapter trained with a timestep gate is served with it (unfused): a gate above every step is the base model.
+    gated_dir = tmp_path / "gated"
+    shutil.copytree(adapters[0], gated_dir)
+    config = json.loads((gated_dir / "config.json").read_text())
+    (gated_dir / "config.json").write_text(json.dumps({**config, "adapter_min_timestep": 1000}))
+    gated = registry.register_adapter(gated_dir, name, mlflow_server.uri).version
+    served = mlflow.pyfunc.load_model(f"models:/{name}/{gated}").predict({"prompt": prompts, "seed": 0})
+    torch.testing.assert_close(torch.from_numpy(served), torch.from_numpy(base_images), atol=1e-4, rtol=0)
 
     # A base that is not embedded travels as its cache manifest and is fetched (sha256-checked) when loaded.
     monkeypatch.setenv("ALIGNPROP_CACHE", str(tmp_path / "cache"))

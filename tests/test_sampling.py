@@ -137,3 +137,69 @@ def test_step_generator_is_a_function_of_position():
     b = torch.randn(3, generator=sampling.step_generator(0, 5, 1))
     c = torch.randn(3, generator=sampling.step_generator(0, 5, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# --- the timestep gate (adapter_min_timestep): LoRA on the high-noise steps only ---------------------------------
+def _unet_out(parts, t, latents, embeds):
+    return parts.unet(latents, t, encoder_hidden_states=embeds, return_dict=False)[0]
+
+
+def test_gated_lora_is_the_base_model_below_the_gate_and_the_lora_above(parts):
+    embeds = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, PROMPTS, "cpu")
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lora = {t: _unet_out(parts, t, latents, embeds) for t in (801, 301)}
+        parts.unet.disable_adapters()
+        base = {t: _unet_out(parts, t, latents, embeds) for t in (801, 301)}
+        parts.unet.enable_adapters()
+        scalings = [dict(m.scaling) for m in parts.unet.modules() if hasattr(m, "scaling")]
+        gate = models.gate_lora(parts.unet, 500)
+        gated = {t: _unet_out(parts, t, latents, embeds) for t in (801, 301)}
+        assert [dict(m.scaling) for m in parts.unet.modules() if hasattr(m, "scaling")] == scalings  # restored
+        gate.remove()
+        after = _unet_out(parts, 301, latents, embeds)
+    assert not torch.allclose(lora[301], base[301])  # the LoRA is not a no-op, so the checks below can fail
+    torch.testing.assert_close(gated[801], lora[801], rtol=0, atol=0)
+    torch.testing.assert_close(gated[301], base[301], rtol=0, atol=0)
+    torch.testing.assert_close(after, lora[301], rtol=0, atol=0)  # remove() takes the gate off
+    assert models.gate_lora(parts.unet, 0) is None
+
+
+def test_gated_gradient_matches_a_manual_chain_and_survives_checkpointing(parts):
+    """Through the full chain: the LoRA's gradient comes only from the steps at or above the gate, and the
+    checkpointed recomputation in the backward pass sees the same gate as the forward pass."""
+    steps, gate_t = 6, 500
+    gate = models.gate_lora(parts.unet, gate_t)
+    ckpt = _grads(parts, _loss(parts, grad_steps=None, use_checkpoint=True, steps=steps))
+    plain = _grads(parts, _loss(parts, grad_steps=None, use_checkpoint=False, steps=steps))
+    gate.remove()
+    ungated = _grads(parts, _loss(parts, grad_steps=None, use_checkpoint=True, steps=steps))
+
+    # Manual: the steps below the gate run with diffusers' disable_adapters() instead of the hooks.
+    embeds = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, PROMPTS, "cpu")
+    negative = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, [""], "cpu")
+    cond = torch.cat([negative.expand(2, -1, -1), embeds])
+    generator = torch.Generator().manual_seed(1)
+    latents = sampling.initial_latents(2, parts.unet.config, parts.scheduler, generator, "cpu")
+    parts.scheduler.set_timesteps(steps)
+    for t in parts.scheduler.timesteps:
+        if t < gate_t:
+            parts.unet.disable_adapters()
+        noise = sampling.predict_noise(parts.unet, latents, t, cond, 3.0, use_checkpoint=False)
+        parts.unet.enable_adapters()
+        latents = parts.scheduler.step(noise, t, latents).prev_sample
+    manual = _grads(parts, sampling.decode(parts.vae, latents).mean())
+    assert any(g is not None and g.abs().sum() > 0 for g in manual)
+    for a, b, c in zip(ckpt, plain, manual):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(a, b) for a, b in zip(ckpt, ungated)), "the gate changed nothing"
+
+
+def test_gate_refuses_a_call_that_mixes_timesteps_across_it(parts):
+    embeds = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, PROMPTS, "cpu")
+    latents = torch.randn(2, 4, 16, 16)
+    gate = models.gate_lora(parts.unet, 500)
+    with pytest.raises(ValueError, match="mixes timesteps"), torch.no_grad():
+        _unet_out(parts, torch.tensor([801, 301]), latents, embeds)
+    gate.remove()

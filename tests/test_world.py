@@ -174,3 +174,28 @@ def test_a_checkpoint_of_another_architecture_is_refused_with_the_fix(tmp_path):
               tmp_path / WEIGHTS_FILE)  # the layout of the earlier density-map regressor, abridged
     with pytest.raises(UserError, match="not a checkpoint of this version.*retrain it"):
         load_count_regressor(tmp_path)
+
+
+def test_world_sampling_applies_the_gate_an_adapter_was_trained_with(tmp_path):
+    """`sample_world` (and so `alignprop world evaluate --adapter`) reads adapter_min_timestep from the config.json
+    beside the adapter: a gate above every timestep gives the base model's images, one inside the chain differs
+    from both the base and the ungated adapter."""
+    from alignprop import models
+    from alignprop.config import tiny, update
+    from alignprop.world.train_model import sample_world
+
+    torch.manual_seed(0)
+    parts = models.load_parts("world")
+    models.add_lora(parts.unet, rank=4, init_weights=False)
+    models.save_lora(parts.unet, tmp_path / "adapter")
+    world = models.resolve_model_dir("world")
+
+    def images(gate):
+        if gate is not None:
+            (tmp_path / "adapter" / "config.json").write_text(update(tiny(), {"adapter_min_timestep": gate}).to_json())
+        return sample_world(world, 4, adapter=tmp_path / "adapter" if gate is not None else None)[0]
+
+    base, ungated, gated, off = images(None), images(0), images(600), images(1000)
+    assert not torch.allclose(base, ungated, atol=1e-3)
+    torch.testing.assert_close(off, base)
+    assert not torch.allclose(gated, base, atol=1e-3) and not torch.allclose(gated, ungated, atol=1e-3)

@@ -157,6 +157,7 @@ def sample_world(model_dir: str | Path, num_images: int = 64, steps: int = 20, g
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))
     if adapter:
         pipe.load_lora_weights(str(adapter))
+        models.gate_lora(pipe.unet, models.adapter_min_timestep(adapter))  # the steps it was trained on
     pipe.set_progress_bar_config(disable=True)
     captions = world_prompts.heldout_captions() if heldout else world_prompts.train_captions()
     chosen = [captions[i % len(captions)] for i in range(num_images)]
