@@ -35,6 +35,16 @@ def _loss(parts, grad_steps, use_checkpoint, steps=6, guidance=3.0, eta=0.0):
     return sampling.decode(parts.vae, latents).mean()
 
 
+def _manual_start(parts, steps):
+    """What `_loss` starts from, for chains written out by hand: [uncond; cond] embeddings and the same x_T."""
+    embeds = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, PROMPTS, "cpu")
+    negative = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, [""], "cpu")
+    generator = torch.Generator().manual_seed(1)
+    latents = sampling.initial_latents(2, parts.unet.config, parts.scheduler, generator, "cpu")
+    parts.scheduler.set_timesteps(steps)
+    return torch.cat([negative.expand(2, -1, -1), embeds]), latents
+
+
 def _grads(parts, loss):
     params = list(helpers.lora_params(parts.unet).values())
     return torch.autograd.grad(loss, params, allow_unused=True)
@@ -53,12 +63,7 @@ def test_last_k_truncation_matches_manual_computation(parts):
     truncated = _grads(parts, _loss(parts, grad_steps=k, use_checkpoint=True, steps=steps))
 
     # Manual: the first steps - k steps with no graph at all, then the last k by hand.
-    embeds = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, PROMPTS, "cpu")
-    negative = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, [""], "cpu")
-    cond = torch.cat([negative.expand(2, -1, -1), embeds])
-    generator = torch.Generator().manual_seed(1)
-    latents = sampling.initial_latents(2, parts.unet.config, parts.scheduler, generator, "cpu")
-    parts.scheduler.set_timesteps(steps)
+    cond, latents = _manual_start(parts, steps)
     timesteps = parts.scheduler.timesteps
     with torch.no_grad():
         for t in timesteps[: steps - k]:
@@ -176,12 +181,7 @@ def test_gated_gradient_matches_a_manual_chain_and_survives_checkpointing(parts)
     ungated = _grads(parts, _loss(parts, grad_steps=None, use_checkpoint=True, steps=steps))
 
     # Manual: the steps below the gate run with diffusers' disable_adapters() instead of the hooks.
-    embeds = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, PROMPTS, "cpu")
-    negative = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, [""], "cpu")
-    cond = torch.cat([negative.expand(2, -1, -1), embeds])
-    generator = torch.Generator().manual_seed(1)
-    latents = sampling.initial_latents(2, parts.unet.config, parts.scheduler, generator, "cpu")
-    parts.scheduler.set_timesteps(steps)
+    cond, latents = _manual_start(parts, steps)
     for t in parts.scheduler.timesteps:
         if t < gate_t:
             parts.unet.disable_adapters()
