@@ -307,7 +307,7 @@ def _log_pyfunc(client, run_id, artifact_path, adapter, config_file, base_ref, b
 
 def _pip_requirements() -> list[str]:
     """The serving environment: exact versions of what loads the pipeline (alignprop itself is needed only
-    for bases that are not embedded)."""
+    for bases that are not embedded and for adapters trained with adapter_min_timestep)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
