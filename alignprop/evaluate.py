@@ -219,14 +219,14 @@ class AdapterLoaded:
             return self
         path = check_adapter_dir(self.name, self.directory)
         check_adapter_fits(self.name, path, self.parts.unet)
+        min_timestep = models.adapter_min_timestep(self.directory)  # read before loading: a bad config leaves no LoRA
         try:
             self.parts.unet.load_lora_adapter(str(path), prefix="unet", adapter_name=self.name)
         except (RuntimeError, ValueError, KeyError) as e:
             raise AdapterError(f"adapter {self.name!r} ({self.directory}) could not be loaded into the base model: "
                                f"{str(e).splitlines()[0]}") from None
         self.loaded = True
-        # trained with a timestep gate: apply it on the same steps
-        self.gate = models.gate_lora(self.parts.unet, models.adapter_min_timestep(self.directory))
+        self.gate = models.gate_lora(self.parts.unet, min_timestep)  # trained with a gate: the same steps
         return self
 
     def __exit__(self, *exc):
