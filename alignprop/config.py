@@ -18,6 +18,8 @@ from pathlib import Path
 TRUNCATION_MODES = ("full", "fixed", "uniform", "gaussian")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 METHODS = ("alignprop", "ddpo")
+# diffusers.optimization.get_scheduler's names, less piecewise_constant (it needs its own rule string)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 class ConfigError(UserError, ValueError):
@@ -59,6 +61,8 @@ class TrainConfig:
     adam_beta2: float = 0.999  # AdamW beta2
     adam_weight_decay: float = 1e-4  # AdamW decoupled weight decay
     adam_epsilon: float = 1e-8  # AdamW epsilon
+    lr_scheduler: str = "constant"  # learning-rate schedule over num_steps: one of LR_SCHEDULERS (diffusers' own)
+    lr_warmup_steps: int = 0  # steps of linear warm-up from 0 (not with "constant": use "constant_with_warmup")
     max_grad_norm: float = 1.0  # clip the LoRA gradient to this global L2 norm (0 disables)
     train_batch_size: int = 2  # images per process per micro-step (per device!)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
@@ -100,6 +104,12 @@ class TrainConfig:
                 bad(name, "must be at least 1", "set a positive integer")
         if self.learning_rate <= 0:
             bad("learning_rate", "must be positive", "e.g. --set learning_rate=1e-3")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            bad("lr_scheduler", "unknown schedule", f"use one of {', '.join(LR_SCHEDULERS)}")
+        if not 0 <= self.lr_warmup_steps < self.num_steps:
+            bad("lr_warmup_steps", f"must lie in [0, num_steps={self.num_steps})", "lower it, e.g. to num_steps // 10")
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            bad("lr_warmup_steps", "is ignored by lr_scheduler=constant", "use --set lr_scheduler=constant_with_warmup")
         if self.guidance_scale < 1.0:
             bad("guidance_scale", "must be >= 1 (1 disables guidance)", "e.g. --set guidance_scale=7.5")
         if not 0.0 <= self.eta <= 1.0:

@@ -149,10 +149,12 @@ def ddpo_loop(run: runtime.Run, tracker: PerPromptStatTracker) -> None:
         advantages, all_rewards = compute_advantages(run, tracker, trajectories.prompts, rewards)
         stats = ppo_update(run, trajectories, negative, advantages,
                            sampling.step_generator(config.seed, step, 1, acc.process_index))
+        lr = run.lr_scheduler.get_last_lr()[0]
+        run.lr_scheduler.step()
         run.state.step = step + 1
         metrics = {"reward_mean": all_rewards.mean().item(),
                    "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
-                   **stats, "step_time_s": time.perf_counter() - started,
+                   **stats, "lr": lr, "step_time_s": time.perf_counter() - started,
                    "images_seen": run.state.step * run.images_per_step,
                    "peak_mem_gib": runtime.peak_memory_gib(acc.device)}
         run.log(metrics, images=trajectories.images if run.wants_samples(step + 1) else None)

@@ -64,6 +64,7 @@ class Run:
     prompts: list[str]
     tracker: object
     state: TrainState = field(default_factory=TrainState)
+    lr_scheduler: object = None  # stepped once per run step (an AlignProp optimizer step, a DDPO epoch)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -320,7 +321,22 @@ def setup_run(config: TrainConfig, checkpointed: list = ()) -> Run:
     run = Run(config, accelerator, parts, unet, lora_params, optimizer, reward, prompts, tracker, state)
     if config.resume:
         run.resume()
+    run.lr_scheduler = make_lr_scheduler(config, optimizer, run.state.step)
     return run
+
+
+def make_lr_scheduler(config: TrainConfig, optimizer, start_step: int = 0):
+    """diffusers' schedule for `config.lr_scheduler` over `config.num_steps`, positioned at `start_step`.
+
+    The schedule is a pure function of the step, so a resumed run rebuilds it at the checkpoint's step rather than
+    storing it: checkpoints stay the same whatever the schedule, and the learning rate of every step matches the
+    uninterrupted run's."""
+    from diffusers.optimization import get_scheduler
+
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.learning_rate  # the peak; a resumed optimizer holds the last decayed value
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=config.num_steps, last_epoch=start_step - 1)
 
 
 def check_adapter_gate(config: TrainConfig, scheduler) -> None:

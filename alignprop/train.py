@@ -80,12 +80,15 @@ def train_loop(run: runtime.Run) -> None:
             truncation_k.append(k)
 
         all_rewards = accelerator.gather(torch.cat(rewards)).float()
+        lr = run.lr_scheduler.get_last_lr()[0]
+        run.lr_scheduler.step()
         run.state.step = step + 1
         metrics = {
             "reward_mean": all_rewards.mean().item(),
             "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,
             "loss": accelerator.reduce(torch.tensor(loss_value, device=accelerator.device), "mean").item(),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "lr": lr,
             "truncation_k": sum(truncation_k) / len(truncation_k),
             "step_time_s": time.perf_counter() - started,
             "images_seen": run.state.step * run.images_per_step,

@@ -1,5 +1,6 @@
 """Run under `accelerate launch --num_processes 2`: trains a few steps and writes, per rank, the LoRA weights
-and the prompts that rank saw, so the test can check all-reduce (identical weights from different prompts)."""
+and the prompts that rank saw, so the test can check all-reduce (identical weights from different prompts), and
+whether each step moved the LoRA (the learning-rate schedule must reach the optimizer that DeepSpeed wraps)."""
 
 import json
 import sys
@@ -11,13 +12,23 @@ from alignprop import models, runtime, train
 from alignprop.config import TrainConfig
 
 config = TrainConfig.from_json(Path(sys.argv[1]).read_text())
-seen = []
+seen, snapshots = [], []
 with runtime.setup_run(config) as run:
     original = run.prompts_for
     run.prompts_for = lambda *a, **k: seen.extend(p := original(*a, **k)) or p
+    unet, checkpoint = run.accelerator.unwrap_model(run.unet), run.maybe_checkpoint
+
+    def snapshot_then_checkpoint():
+        snapshots.append({k: v.detach().clone() for k, v in models.lora_state_dict(unet).items()})
+        return checkpoint()
+
+    snapshots.append({k: v.detach().clone() for k, v in models.lora_state_dict(unet).items()})
+    run.maybe_checkpoint = snapshot_then_checkpoint
     train.train_loop(run)
     rank = run.accelerator.process_index
     state = models.lora_state_dict(run.accelerator.unwrap_model(run.unet))
     torch.save({k: v.detach().cpu() for k, v in state.items()}, Path(config.output_dir) / f"rank{rank}.pt")
     (Path(config.output_dir) / f"rank{rank}-prompts.json").write_text(json.dumps(seen))
+    moved = [any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip(snapshots, snapshots[1:])]
+    (Path(config.output_dir) / f"rank{rank}-moved.json").write_text(json.dumps(moved))
     run.finish()

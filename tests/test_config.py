@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -31,9 +32,12 @@ def test_file_then_overrides(tmp_path):
     (["learning_rate"], "is not key=value"),
     (["mixed_precision=fp8"], "invalid mixed_precision='fp8'"),
     (["gradient_checkpointing=maybe"], "expected true or false"),
+    (["lr_scheduler=step"], "invalid lr_scheduler='step': unknown schedule; use one of constant, "),
+    (["lr_scheduler=cosine", "lr_warmup_steps=20"], "invalid lr_warmup_steps=20: must lie in [0, num_steps=20)"),
+    (["lr_warmup_steps=5"], "is ignored by lr_scheduler=constant; use --set lr_scheduler=constant_with_warmup"),
 ])
 def test_bad_overrides_are_rejected(pairs, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("tiny", None, pairs)
 
 

@@ -154,7 +154,8 @@ def test_cli_train_method_ddpo_fails_cleanly_on_a_deterministic_sampler(tmp_path
 
 def test_resume_after_a_crash_ends_with_the_uninterrupted_adapter(tiny, tmp_path, prompt_file, monkeypatch):
     # min_count 2: from step 2 on, advantages use each prompt's history, which must come back from the checkpoint
-    kw = dict(num_steps=2, ddpo_stat_tracking_buffer=4, ddpo_stat_tracking_min_count=2)
+    # linear schedule: the resumed epoch must run at half the peak learning rate, as the uninterrupted one did
+    kw = dict(num_steps=2, ddpo_stat_tracking_buffer=4, ddpo_stat_tracking_min_count=2, lr_scheduler="linear")
     reference = ddpo.train_ddpo(_config(tiny, tmp_path / "a", prompt_file, **kw))
 
     real_update = ddpo.ppo_update
@@ -179,6 +180,8 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_adapter(tiny, tmp_path
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+    peak = config.learning_rate
+    assert [r["lr"] for r in rows] == pytest.approx([peak, peak / 2], rel=1e-9)
 
 
 def test_a_ddpo_update_raises_the_importance_weighted_jpeg_compressibility(tiny, tmp_path):

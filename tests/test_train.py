@@ -64,6 +64,23 @@ def test_a_step_changes_lora_weights_only(tiny, prompt_file, tmp_path):
     assert {"reward_mean", "reward_std", "loss", "grad_norm", "step_time_s", "peak_mem_gib"} <= set(rows[0])
 
 
+def test_the_learning_rate_schedule_drives_the_optimizer(tiny, prompt_file, tmp_path):
+    """linear with one warm-up step: lr 0, then the peak, then half of it; a step at lr 0 leaves the LoRA as it is."""
+    config = small_config(tiny, prompt_file, tmp_path / "run", num_steps=3, learning_rate=1e-3,
+                          lr_scheduler="linear", lr_warmup_steps=1)
+    snapshots = []
+    with runtime.setup_run(config) as run:
+        unet = run.accelerator.unwrap_model(run.unet)
+        lora = lambda: {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}  # noqa: E731
+        snapshots.append(lora())
+        run.maybe_checkpoint = lambda: snapshots.append(lora())
+        train.train_loop(run)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, 1e-3, 5e-4], abs=1e-12)
+    moved = [any(not torch.equal(a[n], b[n]) for n in a) for a, b in zip(snapshots, snapshots[1:])]
+    assert moved == [False, True, True]
+
+
 def test_adapter_loads_with_diffusers(tiny, prompt_file, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -106,7 +123,9 @@ LAUNCHERS = {
 def test_two_processes_end_with_identical_lora_weights(tiny, prompt_file, tmp_path, launcher):
     out = tmp_path / "ddp"
     config_path = tmp_path / "config.json"
-    config_path.write_text(small_config(tiny, prompt_file, out, checkpoint_every=1).to_json())
+    # one warm-up step: lr 0 on step 1, so only step 2 may move the LoRA, on every rank
+    config_path.write_text(small_config(tiny, prompt_file, out, checkpoint_every=1, lr_scheduler="linear",
+                                        lr_warmup_steps=1).to_json())
     result = subprocess.run(
         [str(helpers.VENV_BIN / "accelerate"), "launch", *LAUNCHERS[launcher],
          str(Path(__file__).parent / "ddp_worker.py"), str(config_path)],
@@ -120,6 +139,8 @@ def test_two_processes_end_with_identical_lora_weights(tiny, prompt_file, tmp_pa
     prompts0 = json.loads((out / "rank0-prompts.json").read_text())
     prompts1 = json.loads((out / "rank1-prompts.json").read_text())
     assert prompts0 and prompts0 != prompts1
+    for rank in (0, 1):
+        assert json.loads((out / f"rank{rank}-moved.json").read_text()) == [False, True]
     assert (out / runtime.ADAPTER_FILE).exists()
     checkpoint = out / "checkpoints" / "checkpoint-000001"
     assert (checkpoint / "random_states_1.pkl").exists()  # every rank took part in saving state
@@ -142,7 +163,8 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tiny, prompt_file, tmp_pat
     common = ["--set", f"pretrained_model={tiny}", "--set", f"prompts={prompt_file}", "--set", "reward=brightness",
               "--set", "num_steps=6", "--set", "num_inference_steps=6", "--set", "truncation=uniform",
               "--set", "truncation_min=1", "--set", "truncation_max=3", "--set", "eta=1.0",
-              "--set", "checkpoint_every=2", "--set", "tracking=false"]
+              "--set", "checkpoint_every=2", "--set", "tracking=false",
+              "--set", "lr_scheduler=cosine", "--set", "lr_warmup_steps=1"]  # the resumed run rebuilds the schedule
     straight = helpers.run_cli("train", *common, "--output", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -162,8 +184,10 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tiny, prompt_file, tmp_pat
     a, b = load_file(tmp_path / "straight" / runtime.ADAPTER_FILE), load_file(out / runtime.ADAPTER_FILE)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
-    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    straight_lr = [json.loads(l)["lr"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == straight_lr and len(set(straight_lr)) == 6
 
 
 # --- failing cleanly ----------------------------------------------------------------------------------
