@@ -172,6 +172,24 @@ def test_adapter_from_a_different_architecture_fails_clearly(tiny, adapters, pro
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+def test_an_unreadable_adapter_config_fails_clearly_and_leaves_the_base_model_clean(tiny, adapters, prompt_file,
+                                                                                      tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters["random"], bad)
+    (bad / "config.json").write_text("{not json")  # e.g. a truncated copy of the run's config
+    config = small(tiny, prompt_file, tmp_path)
+    parts = models.load_parts(str(tiny))
+    base = _images(parts, config, PROMPTS)
+    with pytest.raises(models.ModelError, match="cannot read the adapter's training config"):
+        with AdapterLoaded(parts, "bad", str(bad)):
+            pass
+    assert torch.equal(base, _images(parts, config, PROMPTS))  # no LoRA was left in the UNet
+    with AdapterLoaded(parts, "random", adapters["random"]):  # and the next adapter still loads
+        assert not torch.equal(base, _images(parts, config, PROMPTS))
+
+
 def test_unreadable_reference_directory_fails_before_loading_the_model(tmp_path, prompt_file):
     (tmp_path / "ref").mkdir()
     with pytest.raises(FIDError, match="holds no images"):
