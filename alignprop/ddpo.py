@@ -149,8 +149,7 @@ def ddpo_loop(run: runtime.Run, tracker: PerPromptStatTracker) -> None:
         advantages, all_rewards = compute_advantages(run, tracker, trajectories.prompts, rewards)
         stats = ppo_update(run, trajectories, negative, advantages,
                            sampling.step_generator(config.seed, step, 1, acc.process_index))
-        lr = run.lr_scheduler.get_last_lr()[0]
-        run.lr_scheduler.step()
+        lr = run.advance_lr()
         run.state.step = step + 1
         metrics = {"reward_mean": all_rewards.mean().item(),
                    "reward_std": all_rewards.std().item() if all_rewards.numel() > 1 else 0.0,

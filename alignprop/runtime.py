@@ -104,6 +104,12 @@ class Run:
     def wall_time(self) -> float:
         return self.state.wall_time + time.perf_counter() - self.started
 
+    def advance_lr(self) -> float:
+        """End of a run step: step the learning-rate schedule; returns the rate that step used (for its metrics)."""
+        used = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        return used
+
     def wants_samples(self, step: int) -> bool:
         every = self.config.sample_every
         return step == self.config.num_steps or (every > 0 and step % every == 0)

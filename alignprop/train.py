@@ -80,8 +80,7 @@ def train_loop(run: runtime.Run) -> None:
             truncation_k.append(k)
 
         all_rewards = accelerator.gather(torch.cat(rewards)).float()
-        lr = run.lr_scheduler.get_last_lr()[0]
-        run.lr_scheduler.step()
+        lr = run.advance_lr()
         run.state.step = step + 1
         metrics = {
             "reward_mean": all_rewards.mean().item(),

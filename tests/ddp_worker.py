@@ -18,12 +18,11 @@ with runtime.setup_run(config) as run:
     run.prompts_for = lambda *a, **k: seen.extend(p := original(*a, **k)) or p
     unet, checkpoint = run.accelerator.unwrap_model(run.unet), run.maybe_checkpoint
 
-    def snapshot_then_checkpoint():
+    def snapshot():
         snapshots.append({k: v.detach().clone() for k, v in models.lora_state_dict(unet).items()})
-        return checkpoint()
 
-    snapshots.append({k: v.detach().clone() for k, v in models.lora_state_dict(unet).items()})
-    run.maybe_checkpoint = snapshot_then_checkpoint
+    snapshot()
+    run.maybe_checkpoint = lambda: (snapshot(), checkpoint())[1]
     train.train_loop(run)
     rank = run.accelerator.process_index
     state = models.lora_state_dict(run.accelerator.unwrap_model(run.unet))

@@ -16,6 +16,7 @@ import helpers
 from alignprop import runtime, train
 from alignprop.config import TrainConfig
 from alignprop.rewards import REWARDS, RewardSpec
+from servers import free_ports
 
 ANIMALS = ["a cat", "a dog", "a horse", "a cow", "a pig", "a fish", "a tiger", "a lion"]
 
@@ -128,6 +129,7 @@ def test_two_processes_end_with_identical_lora_weights(tiny, prompt_file, tmp_pa
                                         lr_warmup_steps=1).to_json())
     result = subprocess.run(
         [str(helpers.VENV_BIN / "accelerate"), "launch", *LAUNCHERS[launcher],
+         "--main_process_port", str(free_ports(1)[0]),  # not the fixed default 29500, which may be taken
          str(Path(__file__).parent / "ddp_worker.py"), str(config_path)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr[-3000:]
