@@ -151,6 +151,14 @@ def main() -> None:
         results["both_splits"][name] = {"count_accuracy_gain": [acc, acc_se], "count_mae_change": [mae, mae_se]}
         print(f"{name:>10}: count accuracy {acc:+.3f} +- {acc_se:.3f} ({acc / max(acc_se, 1e-12):+.1f} SE), "
               f"count MAE {mae:+.3f} +- {mae_se:.3f} ({mae / max(mae_se, 1e-12):+.1f} SE)")
+        if len(diffs["right"]) > 1:
+            # The SE above covers the images; this one covers the training seeds (one pooled gain per seed).
+            per_seed = np.array([d.mean() for d in diffs["right"]])
+            seed_mean, seed_se = mean_se(per_seed)
+            results["both_splits"][name]["per_seed_count_accuracy_gain"] = per_seed.tolist()
+            results["both_splits"][name]["count_accuracy_gain_over_seeds"] = [seed_mean, seed_se]
+            print(f"{'':>10}  per seed {', '.join(f'{g:+.3f}' for g in per_seed)}: mean {seed_mean:+.3f} +- "
+                  f"{seed_se:.3f} (SE over {len(per_seed)} seeds), lowest {per_seed.min():+.3f}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"results: {out / 'results.json'}")
