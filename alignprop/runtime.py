@@ -10,6 +10,7 @@ Output directory contract (`--output DIR`):
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import logging
@@ -182,8 +183,10 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and self.accelerator.is_main_process:
-            self.tracker.finish(None, status="FAILED")
+        if exc_type is not None:
+            _exit_cleanup["failed"] = True
+            if self.accelerator.is_main_process:
+                self.tracker.finish(None, status="FAILED")
         return False
 
 
@@ -252,8 +255,25 @@ def make_accelerator(config: TrainConfig):
     handlers = []
     if no_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=no_cuda and not deepspeed,
-                       gradient_accumulation_steps=config.gradient_accumulation_steps, kwargs_handlers=handlers)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=no_cuda and not deepspeed,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps, kwargs_handlers=handlers)
+    if torch.distributed.is_initialized() and not _exit_cleanup["registered"]:
+        atexit.register(_destroy_process_group_at_exit)
+        _exit_cleanup["registered"] = True
+    return accelerator
+
+
+# A process that exits with its process group alive can abort at interpreter shutdown ("terminate called without
+# an active exception", SIGABRT): gloo's worker threads outlive the interpreter (pytorch/pytorch#179291). The
+# launcher then reports a finished run as failed. So the group is destroyed at exit, while Python is still alive;
+# at exit, not at the end of a run, because one process may train several runs (`alignprop compare`). Skipped
+# after a failed run: destroying a group that another rank still waits on can hang instead of exiting.
+_exit_cleanup = {"registered": False, "failed": False}
+
+
+def _destroy_process_group_at_exit() -> None:
+    if torch.distributed.is_initialized() and not _exit_cleanup["failed"]:
+        torch.distributed.destroy_process_group()
 
 
 def _register_lora_checkpoint_hooks(accelerator) -> None:

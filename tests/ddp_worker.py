@@ -1,8 +1,11 @@
 """Run under `accelerate launch --num_processes 2`: trains a few steps and writes, per rank, the LoRA weights
 and the prompts that rank saw, so the test can check all-reduce (identical weights from different prompts), and
-whether each step moved the LoRA (the learning-rate schedule must reach the optimizer that DeepSpeed wraps)."""
+whether each step moved the LoRA (the learning-rate schedule must reach the optimizer that DeepSpeed wraps),
+and whether the process group was still alive when the interpreter began to shut down."""
 
+import atexit
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +15,9 @@ from alignprop import models, runtime, train
 from alignprop.config import TrainConfig
 
 config = TrainConfig.from_json(Path(sys.argv[1]).read_text())
+# Registered before the run's own exit handler, so it runs after it (atexit is last in, first out).
+atexit.register(lambda: (Path(config.output_dir) / f"rank{os.environ['RANK']}-group-alive-at-exit.json").write_text(
+    json.dumps(torch.distributed.is_initialized())))
 seen, snapshots = [], []
 with runtime.setup_run(config) as run:
     original = run.prompts_for
