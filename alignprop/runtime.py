@@ -257,9 +257,9 @@ def make_accelerator(config: TrainConfig):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=no_cuda and not deepspeed,
                               gradient_accumulation_steps=config.gradient_accumulation_steps, kwargs_handlers=handlers)
-    if torch.distributed.is_initialized() and not _exit_cleanup["registered"]:
+    if torch.distributed.is_initialized():
+        atexit.unregister(_destroy_process_group_at_exit)  # once per process, however many runs it trains
         atexit.register(_destroy_process_group_at_exit)
-        _exit_cleanup["registered"] = True
     return accelerator
 
 
@@ -268,12 +268,14 @@ def make_accelerator(config: TrainConfig):
 # launcher then reports a finished run as failed. So the group is destroyed at exit, while Python is still alive;
 # at exit, not at the end of a run, because one process may train several runs (`alignprop compare`). Skipped
 # after a failed run: destroying a group that another rank still waits on can hang instead of exiting.
-_exit_cleanup = {"registered": False, "failed": False}
+_exit_cleanup = {"failed": False}
 
 
 def _destroy_process_group_at_exit() -> None:
-    if torch.distributed.is_initialized() and not _exit_cleanup["failed"]:
-        torch.distributed.destroy_process_group()
+    from accelerate import PartialState
+
+    if not _exit_cleanup["failed"]:
+        PartialState().destroy_process_group()  # a no-op when no group is initialized
 
 
 def _register_lora_checkpoint_hooks(accelerator) -> None:
