@@ -219,7 +219,7 @@ def fixed_noise_curves(runs: dict[str, list[TrainConfig]], evaluation) -> dict:
     from alignprop.evaluate import fixed_noise_rewards
     from alignprop.prompts import load_prompts
     from alignprop.rewards import load_reward
-    from alignprop.runtime import DTYPES
+    from alignprop.runtime import DTYPES, read_metrics
 
     trained = runs["alignprop"][-1]
     device = evaluation.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -239,7 +239,8 @@ def fixed_noise_curves(runs: dict[str, list[TrainConfig]], evaluation) -> dict:
         curves[name] = []
         for c in configs:
             gain = (score(c.output_dir) - base).double()
-            metrics = [json.loads(line) for line in (Path(c.output_dir) / "metrics.jsonl").read_text().splitlines()]
+            metrics = [m for m in read_metrics(Path(c.output_dir) / "metrics.jsonl")
+                       if "reward_mean" in m]  # training steps, not the step-0 validation line
             curves[name].append({"images": metrics[-1]["images_seen"],
                                  "seconds": sum(m["step_time_s"] for m in metrics),  # training steps only
                                  "gain": float(gain.mean()),

@@ -69,6 +69,11 @@ class TrainConfig:
     num_steps: int = 20  # optimizer steps in the run
     reward_loss_coefficient: float = 1.0  # loss = -reward_loss_coefficient * reward
     mixed_precision: str = "no"  # "no", "fp16" or "bf16": dtype of the frozen weights; LoRA stays fp32
+    # --- validation: fixed samples scored during training ----------------------------------------
+    validation_every: int = 0  # score the adapter on the validation samples every N steps, at 0 and at the end (0: no)
+    validation_images: int = 32  # validation samples: fixed prompts and initial noise, the full DDIM chain at eta 0
+    validation_prompts: str | None = None  # prompt set for validation, as `prompts`; None = the training prompts
+    keep_best: bool = False  # finish with the adapter of the best validation reward (step 0: the base), not the last
     # --- DDPO baseline (method="ddpo"; defaults from Black et al. 2023, arXiv 2305.13301) ------
     ddpo_num_inner_epochs: int = 1  # PPO epochs over each batch of samples
     ddpo_clip_range: float = 1e-4  # PPO ratio clip
@@ -116,6 +121,13 @@ class TrainConfig:
             bad("eta", "must lie in [0, 1]", "use 0 for deterministic DDIM")
         if self.checkpoint_every < 0:
             bad("checkpoint_every", "must be >= 0", "use 0 to disable checkpoints")
+        if self.validation_every < 0:
+            bad("validation_every", "must be >= 0", "use 0 to disable validation")
+        if self.validation_every and self.validation_images < 1:
+            bad("validation_images", "must be at least 1", "e.g. --set validation_images=32")
+        if self.keep_best and not self.validation_every:
+            bad("keep_best", "needs validation to pick the best adapter",
+                "set --set validation_every=N (e.g. num_steps // 6), or drop keep_best")
         if self.adapter_min_timestep < 0:
             bad("adapter_min_timestep", "must be >= 0", "use 0 to apply the LoRA on every denoising step")
         if not 0.0 < self.ddpo_timestep_fraction <= 1.0:

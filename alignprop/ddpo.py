@@ -142,6 +142,7 @@ def ddpo_loop(run: runtime.Run, tracker: PerPromptStatTracker) -> None:
     negative = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, [""], acc.device)
     progress = tqdm(range(run.state.step, config.num_steps), initial=run.state.step, total=config.num_steps,
                     desc="ddpo", disable=not acc.is_local_main_process)
+    run.validate_base()
     for step in progress:
         started = time.perf_counter()
         trajectories = collect(run, step, negative)
@@ -156,6 +157,8 @@ def ddpo_loop(run: runtime.Run, tracker: PerPromptStatTracker) -> None:
                    **stats, "lr": lr, "step_time_s": time.perf_counter() - started,
                    "images_seen": run.state.step * run.images_per_step,
                    "peak_mem_gib": runtime.peak_memory_gib(acc.device)}
+        if run.wants_validation():
+            metrics.update(run.validate())
         run.log(metrics, images=trajectories.images if run.wants_samples(step + 1) else None)
         progress.set_postfix(reward=f"{metrics['reward_mean']:.4f}")
         run.maybe_checkpoint()

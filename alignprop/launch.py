@@ -288,6 +288,7 @@ def run_summary(run_dir: str | Path) -> dict:
     import json
 
     lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    lines = [m for m in lines if "reward_mean" in m]  # training steps, not the step-0 validation line
     if not lines:
         return {}
     first, last = lines[0], lines[-1]

@@ -5,6 +5,8 @@ Output directory contract (`--output DIR`):
   config.json                          the resolved config (written at start)
   metrics.jsonl                        one line per optimizer step: step, reward_mean, ... (appended as it runs)
   checkpoints/checkpoint-NNNNNN/       resumable state (LoRA, optimizer, RNG, step); written to a temp dir, renamed
+  best/                                with keep_best: the adapter of the best validation reward so far
+  kept.json                            with keep_best: which step's adapter was kept, and the validation rewards
   pytorch_lora_weights.safetensors     the adapter, written LAST and atomically: present means finished
 """
 
@@ -14,6 +16,7 @@ import atexit
 import functools
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from alignprop import models, tracking
+from alignprop import models, sampling, tracking
 from alignprop.config import ConfigError, TrainConfig
 from alignprop.errors import UserError
 
@@ -31,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
+BEST_DIR = "best"
+BEST_IN_CHECKPOINT = "best_lora.safetensors"  # the best adapter as of the checkpoint, restored on resume
+VALIDATION_SEED = 271_828  # validation noise is the same for every training seed, and differs from evaluation's
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -41,16 +47,21 @@ class OutputDirError(UserError):
 @dataclass
 class TrainState:
     """What accelerate's save_state does not know: the optimizer-step counter (the prompt position and every
-    random draw are derived from it) and the wall time already spent."""
+    random draw are derived from it), the wall time already spent, and the best validation reward so far."""
 
     step: int = 0
     wall_time: float = 0.0
+    best_step: int = -1  # -1: no validation yet
+    best_reward: float = float("-inf")
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "wall_time": self.wall_time}
+        return {"step": self.step, "wall_time": self.wall_time, "best_step": self.best_step,
+                "best_reward": self.best_reward}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.wall_time = int(state["step"]), float(state["wall_time"])
+        self.best_step = int(state.get("best_step", -1))  # checkpoints written before validation existed
+        self.best_reward = float(state.get("best_reward", float("-inf")))
 
 
 @dataclass
@@ -65,6 +76,7 @@ class Run:
     prompts: list[str]
     tracker: object
     state: TrainState = field(default_factory=TrainState)
+    validation_prompts: list[str] = field(default_factory=list)
     lr_scheduler: object = None  # stepped once per run step (an AlignProp optimizer step, a DDPO epoch)
     started: float = field(default_factory=time.perf_counter)
 
@@ -115,6 +127,61 @@ class Run:
         every = self.config.sample_every
         return step == self.config.num_steps or (every > 0 and step % every == 0)
 
+    # --- validation ------------------------------------------------------------------------------------------
+    def validation_reward(self) -> float:
+        """Mean reward of `validation_images` samples of the current adapter: fixed prompts (cycling over the
+        validation prompts) and fixed initial noise, one draw per image index, so every call, process count and
+        training seed scores the same samples. The full DDIM chain at eta 0, no graph; images are split across the
+        processes and the mean is all-reduced."""
+        c, parts, acc = self.config, self.parts, self.accelerator
+        mine = list(range(acc.process_index, c.validation_images, acc.num_processes))
+        negative = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, [""], acc.device)
+        total = torch.zeros(2, device=acc.device, dtype=torch.float64)
+        with torch.no_grad():
+            for start in range(0, len(mine), c.train_batch_size):
+                index = mine[start:start + c.train_batch_size]
+                prompts = [self.validation_prompts[i % len(self.validation_prompts)] for i in index]
+                embeds = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, prompts, acc.device)
+                latents = torch.cat([sampling.initial_latents(1, parts.unet.config, parts.scheduler,
+                                                              sampling.step_generator(VALIDATION_SEED, i),
+                                                              acc.device, embeds.dtype) for i in index])
+                with acc.autocast():
+                    latents = sampling.denoise(self.unet, parts.scheduler, latents, embeds, negative,
+                                               c.num_inference_steps, c.guidance_scale, eta=0.0, use_checkpoint=False)
+                    images = sampling.decode(parts.vae, latents.to(parts.vae.dtype))
+                rewards = self.reward(images.float(), prompts).double()
+                total += torch.stack([rewards.sum(), torch.tensor(float(len(index)), device=acc.device,
+                                                                  dtype=torch.float64)])
+        total = acc.reduce(total, "sum")
+        return (total[0] / total[1]).item()
+
+    def wants_validation(self) -> bool:
+        every, step = self.config.validation_every, self.state.step
+        return bool(every) and (step % every == 0 or step == self.config.num_steps)
+
+    def validate(self) -> dict:
+        """Score the adapter as of `state.step`; with keep_best, a new best is written to best/ (atomically).
+        Returns the metrics to log with the step."""
+        value = self.validation_reward()
+        if not math.isfinite(value):
+            raise UserError(f"the validation reward is {value} at step {self.state.step}; lower learning_rate or "
+                            "check the reward; no adapter was written")
+        metrics = {"val_reward": value}
+        if self.config.keep_best and value > self.state.best_reward:
+            self.state.best_step, self.state.best_reward = self.state.step, value
+            if self.accelerator.is_main_process:
+                models.save_lora(self.accelerator.unwrap_model(self.unet), self.output_dir / BEST_DIR)
+            self.accelerator.wait_for_everyone()
+        if self.config.keep_best:
+            metrics.update(val_best_reward=self.state.best_reward, val_best_step=self.state.best_step)
+        return metrics
+
+    def validate_base(self) -> None:
+        """Before the first step of a fresh run: score the base model (the LoRA starts as a no-op), the bar an
+        adapter kept by keep_best must beat."""
+        if self.config.validation_every and self.state.step == 0:
+            self.log(self.validate())
+
     # --- checkpoints -----------------------------------------------------------------------------------------
     def maybe_checkpoint(self) -> None:
         every = self.config.checkpoint_every
@@ -136,6 +203,9 @@ class Run:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
+            best = self.output_dir / BEST_DIR / ADAPTER_FILE
+            if self.config.keep_best and best.is_file():
+                shutil.copy2(best, tmp / BEST_IN_CHECKPOINT)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in list_checkpoints(self.output_dir)[:-self.config.checkpoints_total_limit]:
@@ -151,6 +221,10 @@ class Run:
             return
         self.accelerator.load_state(str(checkpoints[-1]))
         self.started = time.perf_counter()
+        if self.accelerator.is_main_process and self.config.keep_best:
+            # best/ may hold a later step's adapter than the checkpoint knows of: put back the checkpoint's own
+            restore_file(checkpoints[-1] / BEST_IN_CHECKPOINT, self.output_dir / BEST_DIR / ADAPTER_FILE)
+        self.accelerator.wait_for_everyone()
         logger.info("resumed from %s at step %d", checkpoints[-1], self.state.step)
         if self.accelerator.is_main_process:  # drop metrics logged after the checkpoint by the interrupted run
             truncate_metrics(self.output_dir / "metrics.jsonl", self.state.step)
@@ -160,11 +234,31 @@ class Run:
         acc = self.accelerator
         self.check_replicas_in_sync()
         if acc.is_main_process:
-            models.save_lora(acc.unwrap_model(self.unet), self.output_dir)  # last: its presence means finished
+            if self.config.keep_best:
+                self.write_kept()
+                restore_file(self.output_dir / BEST_DIR / ADAPTER_FILE, self.output_dir / ADAPTER_FILE)
+            else:
+                models.save_lora(acc.unwrap_model(self.unet), self.output_dir)  # last: its presence means finished
             self.tracker.finish(self.output_dir, status="FINISHED")
         acc.wait_for_everyone()
         logger.info("adapter written to %s", self.output_dir / ADAPTER_FILE)
         return self.output_dir
+
+    def write_kept(self) -> None:
+        """kept.json: the step whose adapter keep_best keeps, with every validation reward of the run."""
+        history = [(m["step"], m["val_reward"]) for m in read_metrics(self.output_dir / "metrics.jsonl")
+                   if "val_reward" in m]
+        if self.state.best_step < 0 or not (self.output_dir / BEST_DIR / ADAPTER_FILE).is_file():
+            raise UserError(f"keep_best found no validated adapter in {self.output_dir / BEST_DIR}; rerun with "
+                            "--set overwrite=true")
+        kept = {"step": self.state.best_step, "val_reward": self.state.best_reward,
+                "last_step": self.state.step, "last_val_reward": history[-1][1] if history else None,
+                "val_rewards": {str(step): value for step, value in history}}
+        (self.output_dir / "kept.json").write_text(json.dumps(kept, indent=2) + "\n")
+        self.tracker.log_metrics({"kept_step": kept["step"], "kept_val_reward": kept["val_reward"]},
+                                 step=self.state.step)
+        logger.info("keep_best: kept the step-%d adapter (validation reward %.4f; the last step's: %s)",
+                    kept["step"], kept["val_reward"], kept["last_val_reward"])
 
     def check_replicas_in_sync(self) -> None:
         """Every process must hold the same LoRA weights; if not, gradients were not all-reduced (e.g. a
@@ -205,12 +299,26 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    if not path.is_file():
+def restore_file(source: Path, target: Path) -> None:
+    """Copy `source` over `target` atomically (a temp file beside it, then a rename); no source: remove target."""
+    if not source.is_file():
+        target.unlink(missing_ok=True)
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    if path.is_file():
+        path.write_text("".join(json.dumps(m) + "\n" for m in read_metrics(path) if m["step"] <= last_step))
 
 
 def peak_memory_gib(device) -> float:
@@ -239,6 +347,9 @@ def prepare_output_dir(config: TrainConfig) -> Path:
                                  "--set overwrite=true to start over")
         (out / "metrics.jsonl").unlink()
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if not config.resume:  # a fresh run: the previous run's keep_best choice is not this run's
+        shutil.rmtree(out / BEST_DIR, ignore_errors=True)
+        (out / "kept.json").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -326,6 +437,9 @@ def setup_run(config: TrainConfig, checkpointed: list = ()) -> Run:
                               dtype=DTYPES[config.mixed_precision])
     check_adapter_gate(config, parts.scheduler)
     prompts = load_prompts(config.prompts, tokenizer=parts.tokenizer)
+    validation_prompts = prompts
+    if config.validation_every and config.validation_prompts:
+        validation_prompts = load_prompts(config.validation_prompts, tokenizer=parts.tokenizer)
     if config.resolution is not None and config.resolution != parts.resolution:
         raise UserError(f"resolution={config.resolution} differs from the model's native {parts.resolution}; "
                         "omit it or set it to the native size")
@@ -346,7 +460,8 @@ def setup_run(config: TrainConfig, checkpointed: list = ()) -> Run:
         tracker = tracking.start_run(config.to_dict(), run_type=config.method, tracking_uri=config.tracking_uri,
                                      enabled=config.tracking, experiment_name=config.experiment_name,
                                      output_dir=config.output_dir)
-    run = Run(config, accelerator, parts, unet, lora_params, optimizer, reward, prompts, tracker, state)
+    run = Run(config, accelerator, parts, unet, lora_params, optimizer, reward, prompts, tracker, state,
+              validation_prompts)
     if config.resume:
         run.resume()
     run.lr_scheduler = make_lr_scheduler(config, optimizer, run.state.step)

@@ -52,6 +52,7 @@ def train_loop(run: runtime.Run) -> None:
 
     progress = tqdm(range(run.state.step, config.num_steps), initial=run.state.step, total=config.num_steps,
                     desc="alignprop", disable=not accelerator.is_local_main_process)
+    run.validate_base()
     for step in progress:
         started = time.perf_counter()
         rewards, loss_value, truncation_k, grad_norm = [], 0.0, [], None
@@ -93,6 +94,8 @@ def train_loop(run: runtime.Run) -> None:
             "images_seen": run.state.step * run.images_per_step,
             "peak_mem_gib": runtime.peak_memory_gib(accelerator.device),
         }
+        if run.wants_validation():
+            metrics.update(run.validate())
         run.log(metrics, images=images if run.wants_samples(step + 1) else None)
         progress.set_postfix(reward=f"{metrics['reward_mean']:.4f}")
         run.maybe_checkpoint()

@@ -27,6 +27,7 @@ import numpy as np
 from alignprop.config import parse_overrides, tiny, update
 from alignprop.ddpo import train_ddpo
 from alignprop.models import resolve_model_dir
+from alignprop.runtime import read_metrics
 from alignprop.train import train
 from alignprop.world.train_model import evaluate_model
 
@@ -112,11 +113,19 @@ def main() -> None:
         started = time.perf_counter()
         adapter = (train_ddpo if name == "ddpo" else train)(config)  # validated above, before any sampling
         seconds = time.perf_counter() - started
-        rows = [json.loads(l) for l in (adapter / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(adapter / "metrics.jsonl")
+        rows = [m for m in metrics if "reward_mean" in m]  # not the step-0 validation line
+        validations = [m for m in metrics if "val_reward" in m]
+        kept = json.loads((adapter / "kept.json").read_text()) if config.keep_best else {}
         results[label] = {"method": name, "seed": config.seed, "train_seconds": seconds,
                           "images_seen": rows[-1]["images_seen"], "final_train_reward": rows[-1]["reward_mean"],
                           "first_train_reward": rows[0]["reward_mean"],
+                          "validation_images_scored": len(validations) * config.validation_images,
+                          "kept_step": kept.get("step"), "val_rewards": kept.get("val_rewards"),
                           **evaluate(args.model, adapter, args.eval_images)}
+        if kept:
+            print(f"{label}: keep_best kept step {kept['step']} of {kept['last_step']}; validation rewards "
+                  + ", ".join(f"{k}: {v:.3f}" for k, v in kept["val_rewards"].items()), flush=True)
 
     print(f"\nworld_count alignment, {args.images} training images per run, {args.eval_images} eval images per split")
     print(f"{'model':>16} {'images':>7} {'train s':>8} {'held-out count acc':>19} {'gain +- SE (paired)':>20} "

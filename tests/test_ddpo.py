@@ -126,6 +126,16 @@ def test_ddpo_run_ratio_is_one_at_the_first_update_and_outputs_match_alignprop(t
     assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora.up" in k)  # LoRA B moved off zero
 
 
+def test_ddpo_validates_and_keeps_the_best_adapter_like_alignprop(tiny, tmp_path, prompt_file):
+    out = ddpo.train_ddpo(_config(tiny, tmp_path, prompt_file, validation_every=1, validation_images=2,
+                                  keep_best=True))
+    validation = {m["step"]: m["val_reward"] for m in runtime.read_metrics(out / "metrics.jsonl") if "val_reward" in m}
+    assert sorted(validation) == [0, 1, 2]
+    kept = json.loads((out / "kept.json").read_text())
+    assert kept["step"] == max(validation, key=validation.get)
+    assert (out / runtime.ADAPTER_FILE).read_bytes() == (out / runtime.BEST_DIR / runtime.ADAPTER_FILE).read_bytes()
+
+
 def test_ddpo_needs_a_stochastic_sampler(tiny, tmp_path, prompt_file):
     with pytest.raises(ConfigError, match="eta > 0"):
         ddpo.train_ddpo(_config(tiny, tmp_path, prompt_file, eta=0.0))

@@ -125,8 +125,9 @@ def test_two_processes_end_with_identical_lora_weights(tiny, prompt_file, tmp_pa
     out = tmp_path / "ddp"
     config_path = tmp_path / "config.json"
     # one warm-up step: lr 0 on step 1, so only step 2 may move the LoRA, on every rank
+    # validation on 3 images: an uneven split over the ranks, whose mean must be all-reduced
     config_path.write_text(small_config(tiny, prompt_file, out, checkpoint_every=1, lr_scheduler="linear",
-                                        lr_warmup_steps=1).to_json())
+                                        lr_warmup_steps=1, validation_every=1, validation_images=3).to_json())
     result = subprocess.run(
         [str(helpers.VENV_BIN / "accelerate"), "launch", *LAUNCHERS[launcher],
          "--main_process_port", str(free_ports(1)[0]),  # not the fixed default 29500, which may be taken
@@ -150,6 +151,9 @@ def test_two_processes_end_with_identical_lora_weights(tiny, prompt_file, tmp_pa
     for rank in (0, 1):
         assert json.loads((out / f"rank{rank}-moved.json").read_text()) == [False, True]
     assert (out / runtime.ADAPTER_FILE).exists()
+    validation = {m["step"]: m["val_reward"] for m in runtime.read_metrics(out / "metrics.jsonl") if "val_reward" in m}
+    assert sorted(validation) == [0, 1, 2]
+    assert validation[1] == pytest.approx(validation[0], abs=1e-6)  # lr 0 on step 1: the same adapter, the same score
     checkpoint = out / "checkpoints" / "checkpoint-000001"
     assert (checkpoint / "random_states_1.pkl").exists()  # every rank took part in saving state
     if launcher == "deepspeed_zero2":  # optimizer state sharded over the two ranks
@@ -172,7 +176,9 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tiny, prompt_file, tmp_pat
               "--set", "num_steps=6", "--set", "num_inference_steps=6", "--set", "truncation=uniform",
               "--set", "truncation_min=1", "--set", "truncation_max=3", "--set", "eta=1.0",
               "--set", "checkpoint_every=2", "--set", "tracking=false",
-              "--set", "lr_scheduler=cosine", "--set", "lr_warmup_steps=1"]  # the resumed run rebuilds the schedule
+              "--set", "lr_scheduler=cosine", "--set", "lr_warmup_steps=1",  # the resumed run rebuilds the schedule
+              # validated at 0, 3 and 6: the kill after step 3 leaves best/ ahead of checkpoint 2, which resume restores
+              "--set", "validation_every=3", "--set", "validation_images=2", "--set", "keep_best=true"]
     straight = helpers.run_cli("train", *common, "--output", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -192,10 +198,100 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tiny, prompt_file, tmp_pat
     a, b = load_file(tmp_path / "straight" / runtime.ADAPTER_FILE), load_file(out / runtime.ADAPTER_FILE)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    straight_lr = [json.loads(l)["lr"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in rows] == straight_lr and len(set(straight_lr)) == 6
+    rows = runtime.read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]  # step 0: the base model's validation
+    straight = runtime.read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert [r.get("lr") for r in rows] == [r.get("lr") for r in straight] and len({r.get("lr") for r in rows}) == 7
+    kept, kept_straight = (json.loads((d / "kept.json").read_text()) for d in (out, tmp_path / "straight"))
+    assert kept["val_rewards"].keys() == {"0", "3", "6"}
+    assert kept["step"] == kept_straight["step"]
+    assert kept["val_rewards"] == pytest.approx(kept_straight["val_rewards"], rel=1e-5)
+
+
+# --- validation and keep_best ----------------------------------------------------------------------------
+def _train_with_snapshots(config):
+    """Train; return the LoRA weights after every step (index = step; 0 = the initial, no-op LoRA), keyed like the
+    adapter file."""
+    from alignprop import models
+
+    snapshots = []
+    with runtime.setup_run(config) as run:
+        unet, checkpoint = run.accelerator.unwrap_model(run.unet), run.maybe_checkpoint
+
+        def snapshot():
+            snapshots.append({f"unet.{k}": v.detach().clone() for k, v in models.lora_state_dict(unet).items()})
+
+        snapshot()
+        run.maybe_checkpoint = lambda: (snapshot(), checkpoint())[1]
+        train.train_loop(run)
+        run.finish()
+    return snapshots
+
+
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_keep_best_finishes_with_the_best_validated_adapter(tiny, prompt_file, tmp_path, direction):
+    """direction -1 trains against the validation reward (darker images, scored by brightness), so every step
+    scores below the base and the kept adapter must be step 0's no-op LoRA, not the last step's."""
+    out = tmp_path / "run"
+    config = small_config(tiny, prompt_file, out, num_steps=4, learning_rate=3e-2, validation_every=1,
+                          validation_images=4, keep_best=True, reward_loss_coefficient=direction)
+    snapshots = _train_with_snapshots(config)
+    validation = {m["step"]: m["val_reward"] for m in runtime.read_metrics(out / "metrics.jsonl") if "val_reward" in m}
+    assert sorted(validation) == [0, 1, 2, 3, 4]
+    assert len(set(validation.values())) == 5  # every step moved the adapter, and validation saw it
+    best = max(validation, key=validation.get)
+    kept = json.loads((out / "kept.json").read_text())
+    assert kept["step"] == best and kept["val_reward"] == pytest.approx(validation[best])
+    assert kept["last_step"] == 4 and kept["last_val_reward"] == pytest.approx(validation[4])
+    if direction < 0:
+        assert best == 0 and all(validation[s] < validation[0] for s in range(1, 5))
+    else:
+        assert best > 0
+    adapter = load_file(out / runtime.ADAPTER_FILE)
+    assert set(adapter) == set(snapshots[best])
+    for key in adapter:
+        torch.testing.assert_close(adapter[key], snapshots[best][key].float().cpu(), rtol=0, atol=0)
+    if best != 4:
+        assert any(not torch.equal(adapter[k], snapshots[4][k].float().cpu()) for k in adapter)
+
+
+def test_validation_scores_fixed_samples_whatever_the_training_seed(tiny, prompt_file, tmp_path):
+    scores = []
+    for seed in (0, 1):
+        config = small_config(tiny, prompt_file, tmp_path / f"run{seed}", seed=seed, validation_every=1,
+                              validation_images=3)
+        with runtime.setup_run(config) as run:
+            scores.append((run.validation_reward(), run.validation_reward()))
+    assert scores[0][0] == scores[0][1] == scores[1][0] == scores[1][1]  # the LoRA starts as a no-op
+
+
+def test_validation_prompts_come_from_their_own_set(tiny, prompt_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("a red car\na blue boat\n")
+    config = small_config(tiny, prompt_file, tmp_path / "run", validation_every=1, validation_prompts=str(other))
+    with runtime.setup_run(config) as run:
+        assert run.validation_prompts == ["a red car", "a blue boat"] and run.prompts == ANIMALS
+
+
+def test_a_fresh_run_drops_the_previous_runs_kept_adapter(tiny, prompt_file, tmp_path):
+    out = tmp_path / "run"
+    train.train(small_config(tiny, prompt_file, out, num_steps=1, validation_every=1, validation_images=2,
+                             keep_best=True))
+    assert (out / "kept.json").exists() and (out / runtime.BEST_DIR / runtime.ADAPTER_FILE).exists()
+    train.train(small_config(tiny, prompt_file, out, num_steps=1, overwrite=True))
+    assert not (out / "kept.json").exists() and not (out / runtime.BEST_DIR).exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["keep_best=true"], "invalid keep_best=True: needs validation"),
+    (["validation_every=-1"], "invalid validation_every=-1"),
+    (["validation_every=2", "validation_images=0"], "invalid validation_images=0"),
+])
+def test_invalid_validation_settings_fail_cleanly(tmp_path, capsys, overrides, message):
+    args = [a for o in overrides for a in ("--set", o)]
+    code, err = _train_cli(capsys, *args, "--output", str(tmp_path / "o"))
+    assert code != 0 and message in err
+    assert not (tmp_path / "o").exists()
 
 
 # --- failing cleanly ----------------------------------------------------------------------------------
