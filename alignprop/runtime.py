@@ -136,7 +136,7 @@ class Run:
         c, parts, acc = self.config, self.parts, self.accelerator
         mine = list(range(acc.process_index, c.validation_images, acc.num_processes))
         negative = sampling.encode_prompts(parts.tokenizer, parts.text_encoder, [""], acc.device)
-        total = torch.zeros(2, device=acc.device, dtype=torch.float64)
+        total = torch.zeros((), device=acc.device, dtype=torch.float64)
         with torch.no_grad():
             for start in range(0, len(mine), c.train_batch_size):
                 index = mine[start:start + c.train_batch_size]
@@ -149,11 +149,8 @@ class Run:
                     latents = sampling.denoise(self.unet, parts.scheduler, latents, embeds, negative,
                                                c.num_inference_steps, c.guidance_scale, eta=0.0, use_checkpoint=False)
                     images = sampling.decode(parts.vae, latents.to(parts.vae.dtype))
-                rewards = self.reward(images.float(), prompts).double()
-                total += torch.stack([rewards.sum(), torch.tensor(float(len(index)), device=acc.device,
-                                                                  dtype=torch.float64)])
-        total = acc.reduce(total, "sum")
-        return (total[0] / total[1]).item()
+                total += self.reward(images.float(), prompts).double().sum()
+        return (acc.reduce(total, "sum") / c.validation_images).item()
 
     def wants_validation(self) -> bool:
         every, step = self.config.validation_every, self.state.step
